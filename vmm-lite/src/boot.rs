@@ -1,0 +1,662 @@
+//! Guest memory layout and kernel boot: Linux 64-bit boot protocol (bzImage or ELF) and PVH.
+//!
+//! Layout of low memory (all below 1 MiB, in RAM the guest owns):
+//!
+//! | address | content |
+//! |---|---|
+//! | 0x500 | GDT (null, code32 0x08, code64 0x10, data 0x18, tss 0x20) |
+//! | 0x6000 | PVH `hvm_start_info`, module list at 0x6040 |
+//! | 0x7000 | Linux `boot_params` (zero page) or PVH memory map |
+//! | 0x8ff0 | initial stack top |
+//! | 0x9000 | PML4, 0xa000 PDPT, 0xb000..0xf000 four page directories |
+//! | 0x20000 | kernel command line |
+//!
+//! The initial page tables identity-map the first 4 GiB with 2 MiB pages, so the MMIO window
+//! at 0xd000_0000 is reachable from a 64-bit guest without its own tables.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
+use thiserror::Error;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+/// Guest memory type used throughout the VMM.
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// Start of the MMIO hole below 4 GiB; RAM above it is relocated past 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the MMIO hole.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// GDT address.
+pub const GDT_ADDR: u64 = 0x500;
+/// PVH start_info address.
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+/// PVH module list address.
+pub const PVH_MODLIST_ADDR: u64 = 0x6040;
+/// Zero page (boot_params) or PVH memory map address.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer.
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// PML4 address.
+pub const PML4_ADDR: u64 = 0x9000;
+/// PDPT address.
+pub const PDPT_ADDR: u64 = 0xa000;
+/// First page directory address (four follow).
+pub const PD_ADDR: u64 = 0xb000;
+/// Command line address.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Maximum command line size, including the NUL.
+pub const CMDLINE_MAX: usize = 4096;
+/// Where kernels are loaded (1 MiB).
+pub const HIMEM_START: u64 = 0x10_0000;
+/// End of conventional memory reported in e820 (EBDA above).
+pub const EBDA_START: u64 = 0x9fc00;
+/// Smallest guest memory we accept.
+pub const MIN_MEM_MIB: u32 = 2;
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+
+/// Errors while placing the kernel and boot structures.
+#[derive(Debug, Error)]
+pub enum BootError {
+    /// The kernel file cannot be opened or read.
+    #[error("cannot read kernel image {path}")]
+    ReadKernel {
+        /// Path given.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel file is neither an ELF nor a bzImage, or is truncated/corrupt.
+    #[error("kernel image {path} is corrupt or not a supported format: {reason}")]
+    CorruptKernel {
+        /// Path given.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The initrd cannot be read.
+    #[error("cannot read initrd {path}")]
+    ReadInitrd {
+        /// Path given.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd is empty.
+    #[error("initrd {path} is empty")]
+    EmptyInitrd {
+        /// Path given.
+        path: PathBuf,
+    },
+    /// The image does not fit into guest memory.
+    #[error("guest memory too small: {what} needs memory up to {needed:#x} but the guest has {mem_mib} MiB (use a larger --mem-mib)")]
+    MemoryTooSmall {
+        /// What did not fit.
+        what: &'static str,
+        /// End address needed.
+        needed: u64,
+        /// Configured memory.
+        mem_mib: u32,
+    },
+    /// Guest memory could not be mapped.
+    #[error("cannot allocate {mem_mib} MiB of guest memory")]
+    AllocMemory {
+        /// Requested size.
+        mem_mib: u32,
+        /// Underlying error.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// The command line is invalid or too long.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing boot structures to guest memory failed.
+    #[error("cannot write {what} to guest memory")]
+    WriteMemory {
+        /// Which structure.
+        what: &'static str,
+        /// Underlying error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, BootError>;
+
+/// Kernel image format detected from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// ELF (vmlinux or a tiny test guest).
+    Elf,
+    /// bzImage with a Linux setup header.
+    BzImage,
+}
+
+/// What we learned about a kernel file before loading it.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    /// Format.
+    pub format: ImageFormat,
+    /// Whether it looks like a standard Linux kernel (banner or kernel_version present).
+    pub is_linux: bool,
+    /// Highest guest-physical address the image needs.
+    pub needs_up_to: u64,
+}
+
+/// How the vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// 64-bit Linux boot protocol: long mode, paging on, `rsi` = boot_params.
+    Linux64,
+    /// PVH: 32-bit protected mode, paging off, `rbx` = hvm_start_info.
+    Pvh,
+}
+
+/// The result of loading: where to start and how.
+#[derive(Debug, Clone, Copy)]
+pub struct BootEntry {
+    /// Entry point (guest physical).
+    pub entry: u64,
+    /// Entry mode.
+    pub kind: EntryKind,
+    /// boot_params (Linux64) or hvm_start_info (PVH) address.
+    pub boot_info: u64,
+}
+
+/// Creates guest memory of `mem_mib` MiB, split around the MMIO hole when needed.
+pub fn create_memory(mem_mib: u32) -> Result<GuestMem> {
+    let size = u64::from(mem_mib) << 20;
+    let ranges = if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START as usize),
+            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
+        ]
+    };
+    GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|source| BootError::AllocMemory { mem_mib, source })
+}
+
+/// End of RAM below the MMIO hole.
+fn low_mem_end(mem: &GuestMem) -> u64 {
+    mem.iter()
+        .map(|r| r.start_addr().raw_value() + r.len())
+        .filter(|&e| e <= MMIO_GAP_START)
+        .max()
+        .unwrap_or(0)
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> BootError {
+    BootError::CorruptKernel {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Inspects a kernel file: format, whether it is a standard Linux kernel, extent in memory.
+pub fn inspect_kernel(path: &Path) -> Result<ImageInfo> {
+    let data = std::fs::read(path).map_err(|source| BootError::ReadKernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    inspect_kernel_bytes(path, &data)
+}
+
+fn u16_at(d: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(d.get(off..off + 2)?.try_into().ok()?))
+}
+fn u32_at(d: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(d.get(off..off + 4)?.try_into().ok()?))
+}
+fn u64_at(d: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(d.get(off..off + 8)?.try_into().ok()?))
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Like [`inspect_kernel`] on bytes already read.
+pub fn inspect_kernel_bytes(path: &Path, d: &[u8]) -> Result<ImageInfo> {
+    if d.is_empty() {
+        return Err(corrupt(path, "the file is empty"));
+    }
+    if d.starts_with(b"\x7fELF") {
+        if d.get(4) != Some(&2) {
+            return Err(corrupt(path, "only 64-bit ELF images are supported"));
+        }
+        let phoff = u64_at(d, 0x20).ok_or_else(|| corrupt(path, "truncated ELF header"))?;
+        let phentsize = u16_at(d, 0x36).ok_or_else(|| corrupt(path, "truncated ELF header"))?;
+        let phnum = u16_at(d, 0x38).ok_or_else(|| corrupt(path, "truncated ELF header"))?;
+        if phentsize != 56 || phnum == 0 {
+            return Err(corrupt(path, "ELF has no valid program headers"));
+        }
+        let mut needs = 0u64;
+        let mut loads = 0;
+        for i in 0..u64::from(phnum) {
+            let off = usize::try_from(phoff + i * 56).map_err(|_| corrupt(path, "bad phoff"))?;
+            let p_type = u32_at(d, off).ok_or_else(|| corrupt(path, "truncated program headers"))?;
+            if p_type != 1 {
+                continue;
+            }
+            let p_offset = u64_at(d, off + 8).unwrap_or(u64::MAX);
+            let p_paddr = u64_at(d, off + 24).unwrap_or(u64::MAX);
+            let p_filesz = u64_at(d, off + 32).unwrap_or(u64::MAX);
+            let p_memsz = u64_at(d, off + 40).unwrap_or(u64::MAX);
+            if p_filesz == 0 {
+                continue;
+            }
+            if p_offset.checked_add(p_filesz).is_none_or(|e| e > d.len() as u64) {
+                return Err(corrupt(path, "an ELF segment extends past the end of the file"));
+            }
+            let end = p_paddr
+                .checked_add(p_memsz.max(p_filesz))
+                .ok_or_else(|| corrupt(path, "ELF segment address overflows"))?;
+            needs = needs.max(end);
+            loads += 1;
+        }
+        if loads == 0 {
+            return Err(corrupt(path, "ELF has no loadable segments"));
+        }
+        Ok(ImageInfo {
+            format: ImageFormat::Elf,
+            is_linux: contains(d, b"Linux version "),
+            needs_up_to: needs,
+        })
+    } else if u32_at(d, 0x202) == Some(KERNEL_HDR_MAGIC) {
+        let setup_sects = match d[0x1f1] {
+            0 => 4,
+            n => n as u64,
+        };
+        let setup_size = (setup_sects + 1) * 512;
+        if (d.len() as u64) <= setup_size {
+            return Err(corrupt(path, "bzImage is truncated (no protected-mode kernel)"));
+        }
+        let payload = d.len() as u64 - setup_size;
+        let init_size = u32_at(d, 0x260).map(u64::from).unwrap_or(0);
+        let kver = u16_at(d, 0x20e).unwrap_or(0);
+        // A standard kernel points kernel_version at a "X.Y.Z ..." string in the setup code.
+        let is_linux = kver != 0
+            && d
+                .get(kver as usize + 0x200)
+                .is_some_and(|c| c.is_ascii_digit());
+        Ok(ImageInfo {
+            format: ImageFormat::BzImage,
+            is_linux,
+            needs_up_to: HIMEM_START + payload.max(init_size),
+        })
+    } else {
+        Err(corrupt(
+            path,
+            "neither an ELF (no \\x7fELF magic) nor a bzImage (no HdrS setup header)",
+        ))
+    }
+}
+
+/// Everything needed to load a guest.
+#[derive(Debug)]
+pub struct BootSpec<'a> {
+    /// Kernel path.
+    pub kernel: &'a Path,
+    /// Pre-inspected image info.
+    pub info: &'a ImageInfo,
+    /// Optional initrd.
+    pub initrd: Option<&'a Path>,
+    /// The full command line.
+    pub cmdline: &'a str,
+    /// Configured memory, for error messages.
+    pub mem_mib: u32,
+}
+
+fn write_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> BootError {
+    move |source| BootError::WriteMemory { what, source }
+}
+
+/// Loads the kernel, initrd, command line, page tables, GDT and boot info into `mem`.
+pub fn load(mem: &GuestMem, spec: &BootSpec) -> Result<BootEntry> {
+    let mem_end = low_mem_end(mem);
+    if spec.info.needs_up_to > mem_end {
+        return Err(BootError::MemoryTooSmall {
+            what: "the kernel image",
+            needed: spec.info.needs_up_to,
+            mem_mib: spec.mem_mib,
+        });
+    }
+    let mut file = File::open(spec.kernel).map_err(|source| BootError::ReadKernel {
+        path: spec.kernel.to_path_buf(),
+        source,
+    })?;
+    let (kernel_end, entry, kind, hdr) = match spec.info.format {
+        ImageFormat::Elf => {
+            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(|e| corrupt(spec.kernel, format!("ELF load failed: {e}")))?;
+            match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(a) => {
+                    (r.kernel_end, a.raw_value(), EntryKind::Pvh, None)
+                }
+                _ => (
+                    r.kernel_end,
+                    r.kernel_load.raw_value(),
+                    EntryKind::Linux64,
+                    None,
+                ),
+            }
+        }
+        ImageFormat::BzImage => {
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(|e| corrupt(spec.kernel, format!("bzImage load failed: {e}")))?;
+            // 64-bit entry point of the protected-mode kernel is 0x200 past its start.
+            (
+                r.kernel_end,
+                r.kernel_load.raw_value() + 0x200,
+                EntryKind::Linux64,
+                r.setup_header,
+            )
+        }
+    };
+
+    let initrd = match spec.initrd {
+        Some(p) => Some(load_initrd(mem, p, kernel_end, hdr.as_ref(), spec.mem_mib)?),
+        None => None,
+    };
+
+    let cmdline_bytes = spec.cmdline.as_bytes();
+    let max = hdr
+        .filter(|h| h.version >= 0x0206 && h.cmdline_size > 0)
+        .map(|h| h.cmdline_size as usize + 1)
+        .unwrap_or(CMDLINE_MAX)
+        .min(CMDLINE_MAX);
+    if cmdline_bytes.len() + 1 > max {
+        return Err(BootError::Cmdline(format!(
+            "{} bytes, the limit is {}",
+            cmdline_bytes.len(),
+            max - 1
+        )));
+    }
+    if cmdline_bytes.contains(&0) {
+        return Err(BootError::Cmdline("contains a NUL byte".into()));
+    }
+    mem.write_slice(cmdline_bytes, GuestAddress(CMDLINE_ADDR))
+        .map_err(write_err("command line"))?;
+    mem.write_obj(0u8, GuestAddress(CMDLINE_ADDR + cmdline_bytes.len() as u64))
+        .map_err(write_err("command line"))?;
+
+    write_gdt(mem)?;
+    write_page_tables(mem)?;
+
+    let boot_info = match kind {
+        EntryKind::Linux64 => {
+            write_boot_params(mem, hdr, cmdline_bytes.len(), initrd)?;
+            ZERO_PAGE_ADDR
+        }
+        EntryKind::Pvh => {
+            write_pvh_info(mem, initrd)?;
+            PVH_INFO_ADDR
+        }
+    };
+    Ok(BootEntry {
+        entry,
+        kind,
+        boot_info,
+    })
+}
+
+fn load_initrd(
+    mem: &GuestMem,
+    path: &Path,
+    kernel_end: u64,
+    hdr: Option<&setup_header>,
+    mem_mib: u32,
+) -> Result<(u64, u64)> {
+    let rd = |source| BootError::ReadInitrd {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = File::open(path).map_err(rd)?;
+    let size = f.seek(SeekFrom::End(0)).map_err(rd)?;
+    f.rewind().map_err(rd)?;
+    if size == 0 {
+        return Err(BootError::EmptyInitrd {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut top = low_mem_end(mem);
+    if let Some(h) = hdr {
+        if h.initrd_addr_max != 0 {
+            top = top.min(u64::from(h.initrd_addr_max) + 1);
+        }
+    }
+    let addr = top.checked_sub(size).map(|a| a & !0xfff);
+    let addr = match addr {
+        Some(a) if a >= kernel_end.max(HIMEM_START) => a,
+        _ => {
+            return Err(BootError::MemoryTooSmall {
+                what: "the kernel plus initrd",
+                needed: kernel_end + size,
+                mem_mib,
+            })
+        }
+    };
+    let mut data = Vec::with_capacity(size as usize);
+    f.read_to_end(&mut data).map_err(rd)?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(write_err("initrd"))?;
+    Ok((addr, data.len() as u64))
+}
+
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((u64::from(base) & 0xff00_0000) << 32)
+        | ((u64::from(flags) & 0xf0ff) << 40)
+        | ((u64::from(limit) & 0x000f_0000) << 32)
+        | ((u64::from(base) & 0x00ff_ffff) << 16)
+        | (u64::from(limit) & 0x0000_ffff)
+}
+
+/// GDT entries written at [`GDT_ADDR`].
+pub const GDT: [(u16, u32, u32); 5] = [
+    (0, 0, 0),
+    (0xc09b, 0, 0xfffff), // 0x08: code, 32-bit
+    (0xa09b, 0, 0xfffff), // 0x10: code, 64-bit
+    (0xc093, 0, 0xfffff), // 0x18: data
+    (0x808b, 0, 0xfffff), // 0x20: TSS
+];
+
+/// Encoded GDT entry by index.
+pub fn gdt_raw(i: usize) -> u64 {
+    let (f, b, l) = GDT[i];
+    gdt_entry(f, b, l)
+}
+
+fn write_gdt(mem: &GuestMem) -> Result<()> {
+    for i in 0..GDT.len() {
+        mem.write_obj(gdt_raw(i), GuestAddress(GDT_ADDR + 8 * i as u64))
+            .map_err(write_err("GDT"))?;
+    }
+    Ok(())
+}
+
+fn write_page_tables(mem: &GuestMem) -> Result<()> {
+    let w = write_err("page tables");
+    mem.write_obj(PDPT_ADDR | 0x3, GuestAddress(PML4_ADDR))
+        .map_err(w)?;
+    let mut pd = vec![0u8; 4 * 4096];
+    for i in 0..4u64 {
+        mem.write_obj(
+            (PD_ADDR + i * 0x1000) | 0x3,
+            GuestAddress(PDPT_ADDR + i * 8),
+        )
+        .map_err(write_err("page tables"))?;
+        for j in 0..512u64 {
+            let entry = ((i * 512 + j) << 21) | 0x83;
+            let off = ((i * 512 + j) * 8) as usize;
+            pd[off..off + 8].copy_from_slice(&entry.to_le_bytes());
+        }
+    }
+    mem.write_slice(&pd, GuestAddress(PD_ADDR))
+        .map_err(write_err("page tables"))
+}
+
+/// RAM ranges for e820 / the PVH memmap: (addr, size, type).
+fn memory_map(mem: &GuestMem) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![(0, EBDA_START, E820_RAM)];
+    map.push((EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED));
+    for r in mem.iter() {
+        let start = r.start_addr().raw_value();
+        let end = start + r.len();
+        let s = start.max(HIMEM_START);
+        if end > s {
+            map.push((s, end - s, E820_RAM));
+        }
+    }
+    map
+}
+
+fn write_boot_params(
+    mem: &GuestMem,
+    hdr: Option<setup_header>,
+    cmdline_len: usize,
+    initrd: Option<(u64, u64)>,
+) -> Result<()> {
+    let mut params = boot_params::default();
+    if let Some(h) = hdr {
+        params.hdr = h;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    if params.hdr.kernel_alignment == 0 {
+        params.hdr.kernel_alignment = 0x0100_0000;
+    }
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    let map = memory_map(mem);
+    for (i, (addr, size, type_)) in map.iter().enumerate() {
+        params.e820_table[i].addr = *addr;
+        params.e820_table[i].size = *size;
+        params.e820_table[i].r#type = *type_;
+    }
+    params.e820_entries = map.len() as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
+        .map_err(write_err("boot_params"))
+}
+
+fn write_pvh_info(mem: &GuestMem, initrd: Option<(u64, u64)>) -> Result<()> {
+    let map = memory_map(mem);
+    for (i, (addr, size, type_)) in map.iter().enumerate() {
+        let e = hvm_memmap_table_entry {
+            addr: *addr,
+            size: *size,
+            type_: *type_,
+            reserved: 0,
+        };
+        mem.write_obj(e, GuestAddress(ZERO_PAGE_ADDR + 24 * i as u64))
+            .map_err(write_err("PVH memory map"))?;
+    }
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        memmap_paddr: ZERO_PAGE_ADDR,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some((addr, size)) = initrd {
+        let m = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
+        mem.write_obj(m, GuestAddress(PVH_MODLIST_ADDR))
+            .map_err(write_err("PVH module list"))?;
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_ADDR;
+    }
+    mem.write_obj(info, GuestAddress(PVH_INFO_ADDR))
+        .map_err(write_err("PVH start_info"))
+}
+
+/// Composes the kernel command line: VMM defaults, virtio-mmio devices, then the user's.
+pub fn compose_cmdline(
+    user: Option<&str>,
+    virtio: &[(u64, u64, u32)],
+) -> std::result::Result<String, BootError> {
+    let mut c = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let base = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux";
+    c.insert_str(base)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    for (i, (base, size, irq)) in virtio.iter().enumerate() {
+        c.add_virtio_mmio_device(*size, GuestAddress(*base), *irq, Some(i as u32))
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
+    if let Some(u) = user.filter(|u| !u.trim().is_empty()) {
+        c.insert_str(u.trim())
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
+    c.as_cstring()
+        .map_err(|e| BootError::Cmdline(e.to_string()))?
+        .into_string()
+        .map_err(|e| BootError::Cmdline(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_garbage_and_empty() {
+        let p = Path::new("k");
+        assert!(matches!(
+            inspect_kernel_bytes(p, b""),
+            Err(BootError::CorruptKernel { .. })
+        ));
+        let e = inspect_kernel_bytes(p, &[0x55u8; 4096]).unwrap_err();
+        assert!(e.to_string().contains("neither an ELF"), "{e}");
+        let mut elf = b"\x7fELF\x02".to_vec();
+        elf.resize(20, 0);
+        assert!(inspect_kernel_bytes(p, &elf).is_err());
+    }
+
+    #[test]
+    fn cmdline_has_virtio_entries() {
+        let c = compose_cmdline(Some("foo=bar"), &[(0xd000_1000, 0x1000, 5)]).unwrap();
+        assert!(c.contains("virtio_mmio.device=4K@0xd0001000:5:0"), "{c}");
+        assert!(c.ends_with("foo=bar"), "{c}");
+    }
+
+    #[test]
+    fn memory_split_around_hole() {
+        let m = create_memory(16).unwrap();
+        assert_eq!(low_mem_end(&m), 16 << 20);
+        let map = memory_map(&m);
+        assert_eq!(map.last().unwrap(), &(HIMEM_START, (16 << 20) - HIMEM_START, E820_RAM));
+    }
+
+    #[test]
+    fn gdt_encoding_matches_known_values() {
+        assert_eq!(gdt_raw(2), 0x00af_9b00_0000_ffff);
+        assert_eq!(gdt_raw(3), 0x00cf_9300_0000_ffff);
+    }
+}

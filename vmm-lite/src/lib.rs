@@ -1,0 +1,26 @@
+//! vmm-lite: a small KVM virtual machine monitor for sandscope.
+//!
+//! The crate owns everything that touches `/dev/kvm` in the project: guest memory, vCPUs,
+//! kernel loading (Linux 64-bit boot protocol and PVH), a handful of devices (8250 serial,
+//! i8042 reset, a boot-timer marker and virtio-vsock over virtio-mmio) and the metrics the
+//! host agent uses to build its cold-start waterfall.
+//!
+//! Shape:
+//! - [`host`] probes the host (KVM present, accessible, PVM or hardware).
+//! - [`config`] turns raw CLI input into a validated [`config::VmConfig`].
+//! - [`boot`] places the kernel, initrd, command line and boot structures in guest memory.
+//! - [`vstate`] creates the VM and its vCPUs and runs them.
+//! - [`devices`] holds the device models. The virtio-vsock device is generic over its
+//!   backend ([`devices::vsock::VsockBackend`]) so it is tested without KVM.
+//! - [`metrics`] holds atomic counters and phase timestamps, serialised to JSON.
+//! - [`vmm`] wires it all together and runs the event loop.
+#![warn(missing_docs)]
+
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod host;
+pub mod metrics;
+pub mod ratelimit;
+pub mod vmm;
+pub mod vstate;

@@ -1,0 +1,94 @@
+//! `vmm-lite` binary: parse the command line, run the VM, map the outcome to an exit code.
+//!
+//! Exit codes: the guest's (0 after an i8042 reset or shutdown, the byte written to the
+//! debug exit port 0x501), 2 when a vCPU failed, 128+N after signal N, and 1 when the VMM
+//! could not start (the error chain is printed once to stderr).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use vmm_lite::config::{RawConfig, VmConfig};
+use vmm_lite::metrics::Metrics;
+
+/// A small KVM VMM with a Firecracker-compatible vsock.
+#[derive(Parser, Debug)]
+#[command(name = "vmm-lite", version)]
+struct Cli {
+    /// Kernel image: bzImage, vmlinux (PVH note) or a 64-bit ELF.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended to the VMM's defaults.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest CID for the virtio-vsock device.
+    #[arg(long)]
+    vsock_cid: Option<u64>,
+    /// Host Unix socket for vsock (guest connections go to `<PATH>_<port>`).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Serial output: `-`/`stdout` (default), `none`, or a file/FIFO path.
+    #[arg(long)]
+    serial_out: Option<String>,
+    /// Serial input: `stdin` or `unix:PATH` (a socket the VMM listens on).
+    #[arg(long)]
+    serial_in: Option<String>,
+    /// Write metrics JSON here on exit and on SIGUSR1.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Boot a standard Linux kernel even when KVM is PVM.
+    #[arg(long)]
+    allow_pvm: bool,
+    /// Do not log informational lines (boot-timer) to stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() {
+    let start = Instant::now();
+    let metrics = Arc::new(Metrics::new(start));
+    let cli = Cli::parse();
+    let raw = RawConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        mem_mib: cli.mem_mib,
+        vcpus: cli.vcpus,
+        vsock_cid: cli.vsock_cid,
+        vsock_uds: cli.vsock_uds,
+        serial_out: cli.serial_out,
+        serial_in: cli.serial_in,
+        metrics: cli.metrics,
+        allow_pvm: cli.allow_pvm,
+        quiet: cli.quiet,
+    };
+    let cfg = match VmConfig::from_raw(raw) {
+        Ok(c) => c,
+        Err(e) => fail(&e),
+    };
+    match vmm_lite::vmm::run(&cfg, metrics) {
+        Ok(stop) => std::process::exit(stop.code),
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &dyn std::error::Error) -> ! {
+    let mut msg = format!("vmm-lite: error: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
+    std::process::exit(1)
+}

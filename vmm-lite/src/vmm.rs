@@ -1,0 +1,482 @@
+//! The VMM: builds the VM from a [`VmConfig`], runs vCPU threads and the event loop.
+//!
+//! Threads: one per vCPU (port I/O and MMIO exits are handled on the vCPU thread), plus the
+//! caller's thread, which runs an epoll loop for the stop latch, signals (SIGUSR1 dumps
+//! metrics, SIGTERM/SIGINT stop the VM), serial input and the vsock device. [`run`] returns
+//! once the VM stopped; vCPU threads may still be parked inside KVM_RUN, so the caller is
+//! expected to exit the process (that is also the cheapest teardown under PVM).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::boot::{self, BootError, BootSpec, GuestMem};
+use crate::config::{SerialInput, SerialOutput, VmConfig};
+use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE};
+use crate::devices::legacy::{ExitPort, I8042, EXIT_PORT, I8042_CMD, I8042_DATA};
+use crate::devices::serial::{new_serial, SerialDevice, SerialOut, COM1_BASE, COM1_IRQ};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
+use crate::devices::vsock::muxer::VsockMuxer;
+use crate::devices::vsock::VsockDevice;
+use crate::devices::{ExitHandle, IrqLine, StopReason};
+use crate::host::{self, HostError, KvmKind};
+use crate::metrics::Metrics;
+use crate::vstate::{self, ExitHandler, VstateError};
+
+/// First virtio-mmio device address.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_1000;
+/// First virtio IRQ.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+
+/// Top-level errors; each names what failed.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// KVM unavailable.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// Kernel/initrd/memory problems.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// KVM VM/vCPU setup.
+    #[error(transparent)]
+    Vstate(#[from] VstateError),
+    /// Standard Linux kernel under PVM.
+    #[error("KVM on this host is PVM (kvm_pvm, no VT-x/AMD-V): standard guest kernels cannot boot under PVM; use a PVM guest kernel or another driver ({kernel} looks like a standard Linux kernel; pass --allow-pvm to try anyway)")]
+    PvmRefused {
+        /// The kernel path.
+        kernel: String,
+    },
+    /// Host-side I/O setup.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+    let what = what.into();
+    move |source| VmmError::Io { what, source }
+}
+
+type VsockTransport = MmioTransport<VsockDevice<VsockMuxer>>;
+
+/// Routes vCPU exits to devices.
+struct DeviceBus {
+    serial: Mutex<SerialDevice>,
+    i8042: I8042,
+    exit_port: ExitPort,
+    boot_timer: BootTimer,
+    virtio: Vec<(u64, Arc<Mutex<VsockTransport>>)>,
+    metrics: Arc<Metrics>,
+}
+
+impl DeviceBus {
+    fn virtio_at(&self, addr: u64) -> Option<(u64, &Arc<Mutex<VsockTransport>>)> {
+        self.virtio
+            .iter()
+            .find(|(base, _)| addr >= *base && addr < base + MMIO_SIZE)
+            .map(|(base, d)| (addr - base, d))
+    }
+}
+
+impl ExitHandler for DeviceBus {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
+                let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                data[0] = s.read((p - COM1_BASE) as u8);
+            }
+            I8042_DATA | I8042_CMD => data.fill(self.i8042.read(port)),
+            _ => {
+                self.metrics.guest_errors.bad_io.inc();
+                data.fill(0xff);
+            }
+        }
+    }
+
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        match port {
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
+                let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = s.write((p - COM1_BASE) as u8, data[0]) {
+                    crate::guest_warn!("serial write failed: {e:?}");
+                }
+            }
+            I8042_DATA | I8042_CMD if !data.is_empty() => {
+                if port == I8042_CMD && data[0] == 0xfe {
+                    self.metrics.guest_stop.mark(self.metrics.start);
+                }
+                self.i8042.write(port, data[0]);
+            }
+            EXIT_PORT if !data.is_empty() => {
+                self.metrics.guest_stop.mark(self.metrics.start);
+                self.exit_port.write(data[0]);
+            }
+            _ => self.metrics.guest_errors.bad_io.inc(),
+        }
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if (BOOT_TIMER_ADDR..BOOT_TIMER_ADDR + BOOT_TIMER_SIZE).contains(&addr) {
+            self.boot_timer.read(addr - BOOT_TIMER_ADDR, data);
+        } else if let Some((off, dev)) = self.virtio_at(addr) {
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mmio_read(off, data);
+        } else {
+            self.metrics.guest_errors.bad_io.inc();
+            crate::guest_warn!("MMIO read of unmapped address {addr:#x}");
+            data.fill(0xff);
+        }
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if (BOOT_TIMER_ADDR..BOOT_TIMER_ADDR + BOOT_TIMER_SIZE).contains(&addr) {
+            self.boot_timer.write(addr - BOOT_TIMER_ADDR, data);
+        } else if let Some((off, dev)) = self.virtio_at(addr) {
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mmio_write(off, data);
+        } else {
+            self.metrics.guest_errors.bad_io.inc();
+            crate::guest_warn!("MMIO write to unmapped address {addr:#x}");
+        }
+    }
+}
+
+/// Blocks the signals the event loop handles, so vCPU threads inherit the mask, and returns
+/// a signalfd for them.
+fn signal_fd() -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; these calls only modify it and the thread's mask.
+    let fd = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor returned by signalfd that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn open_serial_out(cfg: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match cfg {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Null => Box::new(std::io::sink()),
+        SerialOutput::Path(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .map_err(io_err(format!("cannot open serial output {}", p.display())))?,
+        ),
+    })
+}
+
+/// Writes the metrics document to `path` atomically (temp file + rename).
+pub fn write_metrics(path: &Path, doc: &serde_json::Value) -> std::io::Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    let mut f = File::create(&tmp)?;
+    serde_json::to_writer_pretty(&mut f, doc)?;
+    f.write_all(b"\n")?;
+    drop(f);
+    std::fs::rename(tmp, path)
+}
+
+const TOK_EXIT: u64 = 1;
+const TOK_SIGNAL: u64 = 2;
+const TOK_STDIN: u64 = 3;
+const TOK_SERIAL_LISTENER: u64 = 4;
+const TOK_SERIAL_CONN: u64 = 5;
+const TOK_VSOCK_BACKEND: u64 = 6;
+const TOK_VSOCK_QUEUE: u64 = 16;
+
+fn epoll_add(ep: &Epoll, fd: RawFd, tok: u64) -> Result<(), VmmError> {
+    ep.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, tok),
+    )
+    .map_err(io_err("epoll_ctl"))
+}
+
+/// Builds and runs a VM until it stops. Returns the stop reason (exit code inside).
+pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError> {
+    let sigfd = signal_fd().map_err(io_err("cannot create signalfd"))?;
+    let kind = host::kvm_kind();
+    let kvm = host::open_kvm()?;
+    let info = boot::inspect_kernel(&cfg.kernel)?;
+    if kind == KvmKind::Pvm && info.is_linux && !cfg.allow_pvm {
+        return Err(VmmError::PvmRefused {
+            kernel: cfg.kernel.display().to_string(),
+        });
+    }
+    // Stale vsock sockets block the listener: remove them before anything slow happens.
+    if let Some(v) = &cfg.vsock {
+        let _ = std::fs::remove_file(&v.uds);
+    }
+
+    let mem: GuestMem = boot::create_memory(cfg.mem_mib)?;
+    let vm = vstate::create_vm(&kvm, &mem)?;
+    metrics.memory_ready.mark(metrics.start);
+
+    let exit = ExitHandle::new().map_err(io_err("eventfd"))?;
+    let mut virtio_cmdline = Vec::new();
+    let mut vsock_transport: Option<Arc<Mutex<VsockTransport>>> = None;
+    if let Some(v) = &cfg.vsock {
+        let base = VIRTIO_MMIO_BASE;
+        let irq_num = VIRTIO_IRQ_BASE;
+        let irq = IrqLine::new().map_err(io_err("eventfd"))?;
+        vm.register_irqfd(irq.eventfd(), irq_num)
+            .map_err(|e| VstateError::RegisterEventFd("irqfd", e))?;
+        let backend = VsockMuxer::new(v.cid, &v.uds, metrics.clone())
+            .map_err(io_err(format!("cannot listen on vsock socket {}", v.uds.display())))?;
+        let dev = VsockDevice::new(v.cid, mem.clone(), backend, metrics.clone())
+            .map_err(io_err("vsock device"))?;
+        let t = MmioTransport::new(dev, irq, metrics.clone()).map_err(io_err("eventfd"))?;
+        for (i, evt) in t.queue_evts().iter().enumerate() {
+            let addr = kvm_ioctls::IoEventAddress::Mmio(
+                base + crate::devices::virtio::mmio::REG_QUEUE_NOTIFY,
+            );
+            vm.register_ioevent(evt, &addr, i as u32)
+                .map_err(|e| VstateError::RegisterEventFd("ioeventfd", e))?;
+        }
+        virtio_cmdline.push((base, MMIO_SIZE, irq_num));
+        vsock_transport = Some(Arc::new(Mutex::new(t)));
+    }
+
+    let cmdline = boot::compose_cmdline(cfg.cmdline.as_deref(), &virtio_cmdline)?;
+    let entry = boot::load(
+        &mem,
+        &BootSpec {
+            kernel: &cfg.kernel,
+            info: &info,
+            initrd: cfg.initrd.as_deref(),
+            cmdline: &cmdline,
+            mem_mib: cfg.mem_mib,
+        },
+    )?;
+    metrics.kernel_loaded.mark(metrics.start);
+
+    let serial_irq = IrqLine::new().map_err(io_err("eventfd"))?;
+    vm.register_irqfd(serial_irq.eventfd(), COM1_IRQ)
+        .map_err(|e| VstateError::RegisterEventFd("irqfd", e))?;
+    let out = SerialOut::new(open_serial_out(&cfg.serial_out)?, metrics.clone());
+    let bus = Arc::new(DeviceBus {
+        serial: Mutex::new(new_serial(serial_irq, out)),
+        i8042: I8042::new(exit.clone()),
+        exit_port: ExitPort::new(exit.clone()),
+        boot_timer: BootTimer::new(metrics.clone(), cfg.quiet),
+        virtio: vsock_transport
+            .iter()
+            .map(|t| (VIRTIO_MMIO_BASE, t.clone()))
+            .collect(),
+        metrics: metrics.clone(),
+    });
+
+    let cpuid = vstate::supported_cpuid(&kvm)?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for id in 0..cfg.vcpus {
+        vcpus.push(vstate::create_vcpu(&vm, &cpuid, id, cfg.vcpus, &entry)?);
+    }
+
+    // Event loop registrations, before the guest runs.
+    let ep = Epoll::new().map_err(io_err("epoll_create"))?;
+    epoll_add(&ep, exit.eventfd().as_raw_fd(), TOK_EXIT)?;
+    epoll_add(&ep, sigfd.as_raw_fd(), TOK_SIGNAL)?;
+    let mut serial_listener: Option<(UnixListener, PathBuf)> = None;
+    let mut serial_conn: Option<UnixStream> = None;
+    match &cfg.serial_in {
+        SerialInput::None => {}
+        SerialInput::Stdin => epoll_add(&ep, libc::STDIN_FILENO, TOK_STDIN)?,
+        SerialInput::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            let l = UnixListener::bind(p)
+                .map_err(io_err(format!("cannot listen on serial socket {}", p.display())))?;
+            l.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
+            epoll_add(&ep, l.as_raw_fd(), TOK_SERIAL_LISTENER)?;
+            serial_listener = Some((l, p.clone()));
+        }
+    }
+    if let Some(t) = &vsock_transport {
+        let g = t.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, evt) in g.queue_evts().iter().enumerate() {
+            epoll_add(&ep, evt.as_raw_fd(), TOK_VSOCK_QUEUE + i as u64)?;
+        }
+        epoll_add(&ep, g.device().backend_fd(), TOK_VSOCK_BACKEND)?;
+    }
+
+    let mut threads = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let (bus, m, e) = (bus.clone(), metrics.clone(), exit.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vstate::run_vcpu(vcpu, id as u8, bus, m, e))
+            .map_err(io_err("cannot spawn vCPU thread"))?;
+        threads.push(h);
+    }
+
+    let mut events = vec![EpollEvent::default(); 32];
+    let reason = loop {
+        let n = match ep.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("epoll_wait")(e)),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                TOK_EXIT => {
+                    let _ = exit.eventfd().read();
+                }
+                TOK_SIGNAL => handle_signals(&sigfd, cfg, &metrics, &exit),
+                TOK_STDIN => {
+                    if !feed_serial(&bus, libc::STDIN_FILENO, &metrics) {
+                        let _ = ep.ctl(
+                            ControlOperation::Delete,
+                            libc::STDIN_FILENO,
+                            EpollEvent::default(),
+                        );
+                    }
+                }
+                TOK_SERIAL_LISTENER => {
+                    if let Some((l, _)) = &serial_listener {
+                        if let Ok((s, _)) = l.accept() {
+                            if let Some(old) = serial_conn.take() {
+                                let _ = ep.ctl(
+                                    ControlOperation::Delete,
+                                    old.as_raw_fd(),
+                                    EpollEvent::default(),
+                                );
+                            }
+                            if epoll_add(&ep, s.as_raw_fd(), TOK_SERIAL_CONN).is_ok() {
+                                serial_conn = Some(s);
+                            }
+                        }
+                    }
+                }
+                TOK_SERIAL_CONN => {
+                    if let Some(s) = &serial_conn {
+                        if !feed_serial(&bus, s.as_raw_fd(), &metrics) {
+                            let _ = ep.ctl(
+                                ControlOperation::Delete,
+                                s.as_raw_fd(),
+                                EpollEvent::default(),
+                            );
+                            serial_conn = None;
+                        }
+                    }
+                }
+                TOK_VSOCK_BACKEND => {
+                    if let Some(t) = &vsock_transport {
+                        let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
+                        g.device_mut().process_backend_event();
+                        g.signal_used_if_needed();
+                    }
+                }
+                tok if tok >= TOK_VSOCK_QUEUE => {
+                    if let Some(t) = &vsock_transport {
+                        let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
+                        let q = (tok - TOK_VSOCK_QUEUE) as usize;
+                        if let Some(evt) = g.queue_evts().get(q) {
+                            let _ = evt.read();
+                        }
+                        g.device_mut().process_queue_event(q);
+                        g.signal_used_if_needed();
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(r) = exit.reason() {
+            break r;
+        }
+    };
+
+    // Teardown: flush output, remove our sockets, write metrics. vCPU threads are left to
+    // the process exit (they may be blocked in KVM_RUN).
+    {
+        let mut s = bus.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s.writer_mut().flush();
+    }
+    if let Some((_, p)) = &serial_listener {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(v) = &cfg.vsock {
+        let _ = std::fs::remove_file(&v.uds);
+    }
+    if let Some(p) = &cfg.metrics {
+        let doc = metrics.to_json(Some((&reason.reason, reason.code)));
+        if let Err(e) = write_metrics(p, &doc) {
+            eprintln!("vmm-lite: cannot write metrics to {}: {e}", p.display());
+        }
+    }
+    // Keep the VM and memory alive until here: the vCPU threads still reference them.
+    std::mem::forget(vm);
+    std::mem::forget(threads);
+    Ok(reason)
+}
+
+/// Reads available input from `fd` into the UART FIFO. Returns false on EOF/error.
+fn feed_serial(bus: &DeviceBus, fd: RawFd, metrics: &Metrics) -> bool {
+    let mut s = bus.serial.lock().unwrap_or_else(|e| e.into_inner());
+    let room = s.fifo_capacity();
+    if room == 0 {
+        // Guest is not draining; drop this chunk rather than block the loop.
+        let mut sink = [0u8; 64];
+        // SAFETY: `sink` is a valid writable buffer of the given length.
+        let n = unsafe { libc::read(fd, sink.as_mut_ptr().cast(), sink.len()) };
+        return n > 0;
+    }
+    let mut buf = vec![0u8; room.min(64)];
+    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n <= 0 {
+        return false;
+    }
+    metrics.serial_rx_bytes.add(n as u64);
+    let _ = s.enqueue_raw_bytes(&buf[..n as usize]);
+    true
+}
+
+fn handle_signals(sigfd: &File, cfg: &VmConfig, metrics: &Metrics, exit: &ExitHandle) {
+    let mut info = [0u8; 128];
+    loop {
+        // SAFETY: reading a signalfd_siginfo (128 bytes) into a buffer of that size.
+        let n = unsafe { libc::read(sigfd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+        if n != info.len() as isize {
+            return;
+        }
+        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32;
+        if signo == libc::SIGUSR1 {
+            let doc = metrics.to_json(None);
+            match &cfg.metrics {
+                Some(p) => {
+                    if let Err(e) = write_metrics(p, &doc) {
+                        eprintln!("vmm-lite: cannot write metrics to {}: {e}", p.display());
+                    }
+                }
+                None => eprintln!("{doc}"),
+            }
+        } else {
+            exit.request("signal", 128 + signo);
+        }
+    }
+}

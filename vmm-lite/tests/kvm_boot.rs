@@ -1,0 +1,175 @@
+//! KVM integration tests with tiny guests built from tests/guests/ (real /dev/kvm, no mocks).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn phase(m: &serde_json::Value, name: &str) -> f64 {
+    m["phases"][name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("phase {name} missing in {m}"))
+}
+
+fn check_clean_boot(r: &Run, banner: &str) {
+    assert_eq!(r.code(), 0, "stderr: {}", r.stderr());
+    assert!(r.serial.contains(banner), "serial: {:?}", r.serial);
+    assert!(r.serial.contains("console=ttyS0"), "cmdline not passed: {:?}", r.serial);
+    assert!(r.serial.contains("sandscope.test=1"), "user cmdline missing: {:?}", r.serial);
+    let m = r.metrics();
+    assert_eq!(m["exit"]["reason"], "i8042-reset");
+    assert_eq!(m["exit"]["code"], 0);
+    let (mem, kern, run, timer) = (
+        phase(m, "memory_ready_us"),
+        phase(m, "kernel_loaded_us"),
+        phase(m, "first_kvm_run_us"),
+        phase(m, "boot_timer_us"),
+    );
+    assert!(mem <= kern && kern <= run && run <= timer, "phases out of order: {m}");
+    assert!(m["vcpu_exits"]["io_out"].as_u64().unwrap() >= r.serial.len() as u64);
+    assert!(m["vcpu_exits"]["mmio_write"].as_u64().unwrap() >= 1);
+    assert_eq!(m["serial"]["tx_bytes"].as_u64().unwrap(), r.serial.len() as u64);
+}
+
+#[test]
+fn elf64_boot_protocol_prints_cmdline_and_hits_boot_timer() {
+    if !kvm_available("elf64") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &[]);
+    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--cmdline", "sandscope.test=1"]);
+    check_clean_boot(&r, "elf64 guest: cmdline=");
+    assert!(r.stderr().contains("boot-timer"), "{}", r.stderr());
+}
+
+#[test]
+fn pvh_elf_note_entry_boots() {
+    if !kvm_available("pvh") {
+        return;
+    }
+    let d = scratch();
+    let k = pvh(&d);
+    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--cmdline", "sandscope.test=1"]);
+    check_clean_boot(&r, "pvh guest: cmdline=");
+}
+
+#[test]
+fn bzimage_boot_protocol_boots() {
+    if !kvm_available("bzimage") {
+        return;
+    }
+    let d = scratch();
+    let k = bzimage(&d);
+    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--cmdline", "sandscope.test=1"]);
+    check_clean_boot(&r, "bzimage guest: cmdline=");
+}
+
+#[test]
+fn initrd_is_placed_and_boot_still_works() {
+    if !kvm_available("initrd") {
+        return;
+    }
+    let d = scratch();
+    let k = bzimage(&d);
+    let rd = d.join("initrd.img");
+    std::fs::write(&rd, vec![0x5a; 300 * 1024]).unwrap();
+    let r = run_vmm(
+        &d,
+        &["--kernel", k.to_str().unwrap(), "--initrd", rd.to_str().unwrap(), "--mem-mib", "8",
+          "--cmdline", "sandscope.test=1"],
+    );
+    check_clean_boot(&r, "bzimage guest");
+}
+
+#[test]
+fn guest_exit_port_sets_vmm_exit_status() {
+    if !kvm_available("exit-port") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &["EXIT_STATUS=42"]);
+    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap()]);
+    assert_eq!(r.code(), 42, "stderr: {}", r.stderr());
+    assert_eq!(r.metrics()["exit"]["reason"], "exit-port");
+}
+
+#[test]
+fn guest_triple_fault_ends_vmm_cleanly() {
+    if !kvm_available("triple-fault") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &["TRIPLE_FAULT"]);
+    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap()]);
+    assert_eq!(r.code(), 0, "stderr: {}", r.stderr());
+    assert_eq!(r.metrics()["exit"]["reason"], "shutdown");
+    assert_eq!(r.metrics()["vcpu_exits"]["shutdown"], 1);
+}
+
+#[test]
+fn bad_guest_mmio_and_ports_are_contained_and_counted() {
+    if !kvm_available("bad-mmio") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &["BAD_MMIO"]);
+    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap()]);
+    assert_eq!(r.code(), 0, "stderr: {}", r.stderr());
+    assert!(r.metrics()["guest_errors"]["bad_io"].as_u64().unwrap() >= 4, "{}", r.metrics());
+}
+
+#[test]
+fn two_vcpus_boot() {
+    if !kvm_available("vcpus") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &[]);
+    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--vcpus", "2", "--mem-mib", "64"]);
+    assert_eq!(r.code(), 0, "stderr: {}", r.stderr());
+    assert!(r.serial.contains("elf64 guest"));
+}
+
+#[test]
+fn sigusr1_dumps_metrics_and_sigterm_stops() {
+    if !kvm_available("signals") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &["SPIN"]);
+    let metrics = d.join("m.json");
+    let mut child = Command::new(VMM)
+        .args(["--kernel", k.to_str().unwrap(), "--serial-out", "none", "--quiet", "--metrics"])
+        .arg(&metrics)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    // Wait for the guest to reach the marker, polling with SIGUSR1 dumps.
+    let mut doc = serde_json::Value::Null;
+    for _ in 0..500 {
+        std::thread::sleep(Duration::from_millis(10));
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+        std::thread::sleep(Duration::from_millis(5));
+        if let Ok(b) = std::fs::read(&metrics) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                if v["phases"]["boot_timer_us"].is_f64() {
+                    doc = v;
+                    break;
+                }
+            }
+        }
+    }
+    assert!(doc["exit"].is_null(), "live dump has no exit: {doc}");
+    assert!(doc["phases"]["boot_timer_us"].is_f64(), "{doc}");
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM));
+    let fin: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    assert_eq!(fin["exit"]["reason"], "signal");
+}

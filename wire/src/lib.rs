@@ -1,0 +1,90 @@
+//! sandscope's probe <-> agent protocol.
+//!
+//! The wire is a stream of frames: a `u32` little-endian length, then one prost-encoded
+//! [`Frame`]. The same framing runs over a Unix socket (process sandboxes) and over
+//! virtio-vsock (microVMs). This crate owns the message types and the framing, and
+//! nothing else: the probe and the agent both use it, so nothing is defined twice.
+//!
+//! Anything arriving from a sandbox is untrusted: a frame longer than [`MAX_FRAME`], a
+//! body that does not decode, or a stream that ends mid-frame is a [`DecodeError`] that
+//! the caller turns into closing that one link.
+
+#![warn(missing_docs)]
+
+mod codec;
+mod messages;
+
+pub use codec::{encode_frame, encode_frame_into, DecodeError, EncodeError, FrameDecoder};
+#[cfg(feature = "tokio")]
+pub use codec::{AsyncFrameReader, AsyncFrameWriter};
+pub use messages::*;
+
+/// Largest frame body accepted or produced, in bytes (1 MiB).
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Largest event or response payload that fits in a frame with room for its envelope.
+pub const MAX_PAYLOAD: usize = MAX_FRAME - 16 * 1024;
+
+/// Longest log line carried in one [`Log`] frame; longer lines are cut and flagged.
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// Size of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+impl Frame {
+    /// Wrap a body in a frame.
+    pub fn new(body: frame::Body) -> Self {
+        Frame { body: Some(body) }
+    }
+
+    /// Short name of the body kind, for logs and error messages.
+    pub fn kind(&self) -> &'static str {
+        use frame::Body::*;
+        match &self.body {
+            None => "empty",
+            Some(Hello(_)) => "hello",
+            Some(Ready(_)) => "ready",
+            Some(Invoke(_)) => "invoke",
+            Some(InvokeResult(_)) => "invoke_result",
+            Some(Log(_)) => "log",
+            Some(Stats(_)) => "stats",
+            Some(StatsRequest(_)) => "stats_request",
+            Some(Ping(_)) => "ping",
+            Some(Pong(_)) => "pong",
+            Some(Shutdown(_)) => "shutdown",
+        }
+    }
+}
+
+macro_rules! impl_from_body {
+    ($($t:ident),*) => {$(
+        impl From<$t> for Frame {
+            fn from(m: $t) -> Frame { Frame::new(frame::Body::$t(m)) }
+        }
+    )*};
+}
+impl_from_body!(
+    Hello,
+    Ready,
+    Invoke,
+    InvokeResult,
+    Log,
+    Stats,
+    StatsRequest,
+    Ping,
+    Pong,
+    Shutdown
+);
+
+/// Cut `line` to at most `max` bytes on a char boundary; returns whether it was cut.
+pub fn truncate_line(line: &mut String, max: usize) -> bool {
+    if line.len() <= max {
+        return false;
+    }
+    let mut cut = max;
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    line.truncate(cut);
+    true
+}
