@@ -1,1 +1,50 @@
-//! placeholder
+//! sandscope's guest probe: the init of a sandbox.
+//!
+//! It runs as PID 1 of a namespace sandbox (later a microVM): it builds the sandbox's
+//! filesystem ([`setup`]), records cold-start markers ([`clock`]), reads the sandbox's view
+//! of itself ([`procinfo`]), connects to the agent ([`transport`]), sends `Hello`, then
+//! serves `Invoke` frames by running the function handler ([`handler`]) — all over the
+//! [`wire`] protocol. The binary (`src/main.rs`) only sequences these steps; a fork for
+//! `--fork-init` ([`forkinit`]) happens before any thread exists, and the async part runs
+//! on a current-thread tokio runtime so the probe starts fast and stays small.
+//!
+//! PID 1 duties: one [`reaper`] waits for every child; handler processes are spawned only
+//! through it.
+
+#![warn(missing_docs)]
+
+pub mod args;
+pub mod clock;
+pub mod forkinit;
+pub mod handler;
+pub mod outbox;
+pub mod probe;
+pub mod procinfo;
+pub mod reaper;
+pub mod setup;
+pub mod transport;
+
+/// Format an error with its `source()` chain: `outer: inner: innermost`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// End the sandbox after a clean shutdown. As PID 1 of a machine (a VM's init: PID 1
+/// without `--fork-init`) it powers off, since init must not exit; otherwise it exits 0.
+pub fn power_off(fork_init: bool) -> ! {
+    if std::process::id() == 1 && !fork_init {
+        // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
+        unsafe {
+            libc::sync();
+            libc::reboot(libc::RB_POWER_OFF);
+        }
+    }
+    std::process::exit(0)
+}

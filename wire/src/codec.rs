@@ -65,7 +65,10 @@ pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, EncodeError> {
 pub fn encode_frame_into(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let len = frame.encoded_len();
     if len > MAX_FRAME {
-        return Err(EncodeError::TooLarge { len, max: MAX_FRAME });
+        return Err(EncodeError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
     }
     out.reserve(LEN_PREFIX + len);
     out.extend_from_slice(&(len as u32).to_le_bytes());
@@ -112,7 +115,10 @@ impl FrameDecoder {
         }
         let len = u32::from_le_bytes(self.buf[..LEN_PREFIX].try_into().expect("4 bytes")) as usize;
         if len > MAX_FRAME {
-            return Err(DecodeError::Oversized { len, max: MAX_FRAME });
+            return Err(DecodeError::Oversized {
+                len,
+                max: MAX_FRAME,
+            });
         }
         if self.buf.len() < LEN_PREFIX + len {
             self.buf.reserve(LEN_PREFIX + len - self.buf.len());
@@ -120,8 +126,8 @@ impl FrameDecoder {
         }
         self.buf.advance(LEN_PREFIX);
         let body = self.buf.split_to(len);
-        let frame =
-            Frame::decode(body.as_ref()).map_err(|source| DecodeError::Malformed { len, source })?;
+        let frame = Frame::decode(body.as_ref())
+            .map_err(|source| DecodeError::Malformed { len, source })?;
         if frame.body.is_none() {
             return Err(DecodeError::Empty);
         }
@@ -139,11 +145,17 @@ impl FrameDecoder {
         } else {
             LEN_PREFIX
         };
-        Err(DecodeError::Truncated { have: self.buf.len(), need })
+        Err(DecodeError::Truncated {
+            have: self.buf.len(),
+            need,
+        })
     }
 
     /// Blocking read of the next frame from `r`; `Ok(None)` on a clean end of stream.
-    pub fn read_frame<R: std::io::Read>(&mut self, r: &mut R) -> Result<Option<Frame>, DecodeError> {
+    pub fn read_frame<R: std::io::Read>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<Option<Frame>, DecodeError> {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             if let Some(f) = self.next_frame()? {
@@ -180,7 +192,10 @@ mod async_io {
     impl<R: AsyncRead + Unpin> AsyncFrameReader<R> {
         /// Wrap a reader.
         pub fn new(inner: R) -> Self {
-            Self { inner, dec: FrameDecoder::new() }
+            Self {
+                inner,
+                dec: FrameDecoder::new(),
+            }
         }
 
         /// The next frame; `Ok(None)` on a clean end of stream (between frames).
@@ -218,7 +233,10 @@ mod async_io {
     impl<W: AsyncWrite + Unpin> AsyncFrameWriter<W> {
         /// Wrap a writer.
         pub fn new(inner: W) -> Self {
-            Self { inner, buf: Vec::with_capacity(4096) }
+            Self {
+                inner,
+                buf: Vec::with_capacity(4096),
+            }
         }
 
         /// Encode and write one frame, then flush.

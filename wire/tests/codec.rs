@@ -11,18 +11,43 @@ fn sample_frames() -> Vec<Frame> {
             sandbox_id: "sb-1".into(),
             boot_id: "b".repeat(36),
             hostname: "sb-1".into(),
-            cpu: Some(CpuInfo { model: "AMD EPYC".into(), cores: 2, ..Default::default() }),
-            mem: Some(MemInfo { total_kib: 1024, free_kib: 512, available_kib: 700 }),
-            markers: vec![Marker { name: "init_start".into(), since_init_ns: 0 }],
+            cpu: Some(CpuInfo {
+                model: "AMD EPYC".into(),
+                cores: 2,
+                ..Default::default()
+            }),
+            mem: Some(MemInfo {
+                total_kib: 1024,
+                free_kib: 512,
+                available_kib: 700,
+            }),
+            markers: vec![Marker {
+                name: "init_start".into(),
+                since_init_ns: 0,
+            }],
             ..Default::default()
         }
         .into(),
-        Invoke { invoke_id: "r1".into(), payload: vec![7; 300_000], timeout_ms: 3000, ..Default::default() }
-            .into(),
-        Log { seq: 1, stream: LogStream::Stderr as i32, line: "hello".into(), ..Default::default() }
-            .into(),
-        InvokeResult { invoke_id: "r1".into(), status: InvokeStatus::Ok as i32, ..Default::default() }
-            .into(),
+        Invoke {
+            invoke_id: "r1".into(),
+            payload: vec![7; 300_000],
+            timeout_ms: 3000,
+            ..Default::default()
+        }
+        .into(),
+        Log {
+            seq: 1,
+            stream: LogStream::Stderr as i32,
+            line: "hello".into(),
+            ..Default::default()
+        }
+        .into(),
+        InvokeResult {
+            invoke_id: "r1".into(),
+            status: InvokeStatus::Ok as i32,
+            ..Default::default()
+        }
+        .into(),
         Ping { nonce: 9 }.into(),
     ]
 }
@@ -37,7 +62,13 @@ fn stream_of(frames: &[Frame]) -> Vec<u8> {
 
 #[test]
 fn roundtrip_every_split_point_of_a_small_stream() {
-    let frames = vec![Frame::from(Ping { nonce: 1 }), Frame::from(Pong { nonce: 1, since_init_ns: 5 })];
+    let frames = vec![
+        Frame::from(Ping { nonce: 1 }),
+        Frame::from(Pong {
+            nonce: 1,
+            since_init_ns: 5,
+        }),
+    ];
     let bytes = stream_of(&frames);
     for split in 0..=bytes.len() {
         let mut d = FrameDecoder::new();
@@ -89,15 +120,26 @@ fn oversized_length_is_rejected_before_buffering_body() {
 #[test]
 fn exactly_max_frame_is_accepted_and_one_more_refused_by_encoder() {
     // A payload that makes the frame land within the limit.
-    let f: Frame = Invoke { payload: vec![1; MAX_PAYLOAD], ..Default::default() }.into();
+    let f: Frame = Invoke {
+        payload: vec![1; MAX_PAYLOAD],
+        ..Default::default()
+    }
+    .into();
     let bytes = encode_frame(&f).unwrap();
     assert!(bytes.len() - LEN_PREFIX <= MAX_FRAME);
     let mut d = FrameDecoder::new();
     d.extend(&bytes);
     assert_eq!(d.next_frame().unwrap().unwrap(), f);
 
-    let big: Frame = Invoke { payload: vec![1; MAX_FRAME], ..Default::default() }.into();
-    assert!(matches!(encode_frame(&big), Err(EncodeError::TooLarge { .. })));
+    let big: Frame = Invoke {
+        payload: vec![1; MAX_FRAME],
+        ..Default::default()
+    }
+    .into();
+    assert!(matches!(
+        encode_frame(&big),
+        Err(EncodeError::TooLarge { .. })
+    ));
 }
 
 #[test]
@@ -123,7 +165,10 @@ fn garbage_body_is_malformed_not_a_panic() {
             Err(e) => panic!("unexpected error {e}"),
         }
     }
-    assert!(malformed > 300, "most random bodies must be rejected, got {malformed}");
+    assert!(
+        malformed > 300,
+        "most random bodies must be rejected, got {malformed}"
+    );
 }
 
 #[test]
@@ -147,7 +192,10 @@ fn truncated_stream_reports_how_much_was_missing() {
     }
     // Two bytes of a prefix only.
     let mut cur = std::io::Cursor::new(vec![1u8, 0]);
-    assert!(matches!(FrameDecoder::new().read_frame(&mut cur), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        FrameDecoder::new().read_frame(&mut cur),
+        Err(DecodeError::Truncated { .. })
+    ));
     // Clean EOF between frames is not an error.
     let mut cur = std::io::Cursor::new(Vec::new());
     assert!(FrameDecoder::new().read_frame(&mut cur).unwrap().is_none());

@@ -1,0 +1,450 @@
+//! Command-line parsing, by hand (the probe stays small and starts fast).
+//!
+//! `guest-probe --sandbox-id ID (--fd N | --connect unix:PATH | --connect vsock:CID:PORT)
+//! [--host-id HOSTID] [--handler-kind exec|persistent] --handler 'SHELL COMMAND'
+//! [--init-timeout-ms MS] [--fork-init] [--root-dir DIR --code-dir DIR]`
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default bound on the persistent runtime's start (until it prints `ready`).
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a command line was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgsError {
+    /// An option that takes a value came last.
+    #[error("option {0} needs a value")]
+    MissingValue(String),
+    /// An option that is not known.
+    #[error("unknown argument {0:?} (see guest-probe --help)")]
+    Unknown(String),
+    /// An option given twice.
+    #[error("option {0} given more than once")]
+    Repeated(String),
+    /// A required option is absent.
+    #[error("missing required option {0}")]
+    Required(&'static str),
+    /// A value could not be parsed.
+    #[error("invalid value {value:?} for {option}: {reason}")]
+    InvalidValue {
+        /// The option.
+        option: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Options that cannot be combined, or one that needs another.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// `--help` was asked for (not an error for the user; main prints [`USAGE`]).
+    #[error("help requested")]
+    Help,
+}
+
+/// Usage text printed for `--help` and after an argument error.
+pub const USAGE: &str = "usage: guest-probe --sandbox-id ID (--fd N | --connect unix:PATH) \
+[--host-id HOSTID] [--handler-kind exec|persistent] --handler 'SHELL COMMAND' \
+[--init-timeout-ms MS] [--fork-init] [--root-dir DIR --code-dir DIR]";
+
+/// Where the link to the agent comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An inherited, already-connected stream socket.
+    Fd(i32),
+    /// Connect to a Unix socket path.
+    Unix(PathBuf),
+    /// Connect over AF_VSOCK (not supported yet).
+    Vsock {
+        /// Context id (2 = host).
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
+}
+
+/// How the handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandlerKind {
+    /// `/bin/sh -c HANDLER` once per invoke; payload on stdin, response on stdout.
+    Exec,
+    /// `/bin/sh -c HANDLER` once; `sandscope-lines/1` over stdin/stdout.
+    Persistent,
+}
+
+impl HandlerKind {
+    /// The name used on the command line and in `Hello::handler_kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerKind::Exec => "exec",
+            HandlerKind::Persistent => "persistent",
+        }
+    }
+}
+
+/// Filesystem to build for a process sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootSpec {
+    /// Empty directory that becomes `/` (a tmpfs is mounted on it).
+    pub root_dir: PathBuf,
+    /// Function code, bound read-only at `/var/task`.
+    pub code_dir: PathBuf,
+}
+
+/// The validated command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    /// Sandbox id (also the hostname when a root is built).
+    pub sandbox_id: String,
+    /// Link to the agent.
+    pub endpoint: Endpoint,
+    /// Host id handed over by the agent, echoed in Hello.
+    pub host_id: String,
+    /// Handler kind.
+    pub handler_kind: HandlerKind,
+    /// The shell command of the handler.
+    pub handler: String,
+    /// Bound on the persistent runtime's start.
+    pub init_timeout: Duration,
+    /// Fork once so the child is PID 1 of the (already unshared) pid namespace.
+    pub fork_init: bool,
+    /// Build and pivot into a sandbox root.
+    pub root: Option<RootSpec>,
+}
+
+impl Args {
+    /// Parse the arguments after the program name.
+    pub fn parse<I, S>(args: I) -> Result<Args, ArgsError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut it = args.into_iter().map(Into::into);
+        let mut sandbox_id = None;
+        let mut fd = None;
+        let mut connect = None;
+        let mut host_id = None;
+        let mut kind = None;
+        let mut handler = None;
+        let mut init_timeout = None;
+        let mut fork_init = false;
+        let mut root_dir = None;
+        let mut code_dir = None;
+
+        fn set<T>(slot: &mut Option<T>, name: &str, v: T) -> Result<(), ArgsError> {
+            if slot.is_some() {
+                return Err(ArgsError::Repeated(name.to_string()));
+            }
+            *slot = Some(v);
+            Ok(())
+        }
+
+        while let Some(arg) = it.next() {
+            // Accept both `--opt value` and `--opt=value`.
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String, ArgsError> {
+                match inline.clone() {
+                    Some(v) => Ok(v),
+                    None => it
+                        .next()
+                        .ok_or_else(|| ArgsError::MissingValue(name.to_string())),
+                }
+            };
+            match name.as_str() {
+                "--sandbox-id" => set(&mut sandbox_id, &name, value(&name)?)?,
+                "--fd" => {
+                    let v = value(&name)?;
+                    let n: i32 = v.parse().map_err(|_| ArgsError::InvalidValue {
+                        option: "--fd",
+                        value: v.clone(),
+                        reason: "not a file descriptor number",
+                    })?;
+                    if n < 0 {
+                        return Err(ArgsError::InvalidValue {
+                            option: "--fd",
+                            value: v,
+                            reason: "must be >= 0",
+                        });
+                    }
+                    set(&mut fd, &name, n)?
+                }
+                "--connect" => set(&mut connect, &name, parse_connect(&value(&name)?)?)?,
+                "--host-id" => set(&mut host_id, &name, value(&name)?)?,
+                "--handler-kind" => {
+                    let v = value(&name)?;
+                    let k = match v.as_str() {
+                        "exec" => HandlerKind::Exec,
+                        "persistent" => HandlerKind::Persistent,
+                        _ => {
+                            return Err(ArgsError::InvalidValue {
+                                option: "--handler-kind",
+                                value: v,
+                                reason: "expected exec or persistent",
+                            })
+                        }
+                    };
+                    set(&mut kind, &name, k)?
+                }
+                "--handler" => set(&mut handler, &name, value(&name)?)?,
+                "--init-timeout-ms" => {
+                    let v = value(&name)?;
+                    let ms: u64 = v.parse().map_err(|_| ArgsError::InvalidValue {
+                        option: "--init-timeout-ms",
+                        value: v.clone(),
+                        reason: "not a number of milliseconds",
+                    })?;
+                    set(&mut init_timeout, &name, Duration::from_millis(ms))?
+                }
+                "--fork-init" if inline.is_none() => {
+                    if fork_init {
+                        return Err(ArgsError::Repeated(name));
+                    }
+                    fork_init = true
+                }
+                "--root-dir" => set(&mut root_dir, &name, PathBuf::from(value(&name)?))?,
+                "--code-dir" => set(&mut code_dir, &name, PathBuf::from(value(&name)?))?,
+                "--help" | "-h" => return Err(ArgsError::Help),
+                _ => return Err(ArgsError::Unknown(arg)),
+            }
+        }
+
+        let sandbox_id = sandbox_id.ok_or(ArgsError::Required("--sandbox-id"))?;
+        if sandbox_id.is_empty() {
+            return Err(ArgsError::InvalidValue {
+                option: "--sandbox-id",
+                value: sandbox_id,
+                reason: "must not be empty",
+            });
+        }
+        let endpoint = match (fd, connect) {
+            (Some(n), None) => Endpoint::Fd(n),
+            (None, Some(e)) => e,
+            (Some(_), Some(_)) => {
+                return Err(ArgsError::Conflict("give --fd or --connect, not both"))
+            }
+            (None, None) => return Err(ArgsError::Required("--fd or --connect")),
+        };
+        let handler = handler.ok_or(ArgsError::Required("--handler"))?;
+        if handler.trim().is_empty() {
+            return Err(ArgsError::InvalidValue {
+                option: "--handler",
+                value: handler,
+                reason: "must not be empty",
+            });
+        }
+        let root = match (root_dir, code_dir) {
+            (Some(root_dir), Some(code_dir)) => Some(RootSpec { root_dir, code_dir }),
+            (None, None) => None,
+            _ => return Err(ArgsError::Conflict("--root-dir and --code-dir go together")),
+        };
+        Ok(Args {
+            sandbox_id,
+            endpoint,
+            host_id: host_id.unwrap_or_default(),
+            handler_kind: kind.unwrap_or(HandlerKind::Exec),
+            handler,
+            init_timeout: init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT),
+            fork_init,
+            root,
+        })
+    }
+}
+
+fn parse_connect(v: &str) -> Result<Endpoint, ArgsError> {
+    let bad = |reason| ArgsError::InvalidValue {
+        option: "--connect",
+        value: v.to_string(),
+        reason,
+    };
+    if let Some(path) = v.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad("empty socket path"));
+        }
+        return Ok(Endpoint::Unix(PathBuf::from(path)));
+    }
+    if let Some(rest) = v.strip_prefix("vsock:") {
+        let (cid, port) = rest
+            .split_once(':')
+            .ok_or_else(|| bad("expected vsock:CID:PORT"))?;
+        let cid = cid.parse().map_err(|_| bad("vsock CID is not a number"))?;
+        let port = port
+            .parse()
+            .map_err(|_| bad("vsock port is not a number"))?;
+        return Ok(Endpoint::Vsock { cid, port });
+    }
+    Err(bad("expected unix:PATH or vsock:CID:PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &[&str]) -> Result<Args, ArgsError> {
+        Args::parse(s.iter().copied())
+    }
+
+    #[test]
+    fn full_command_line() {
+        let a = parse(&[
+            "--sandbox-id",
+            "sb-1",
+            "--fd",
+            "3",
+            "--host-id",
+            "h1",
+            "--handler-kind",
+            "persistent",
+            "--handler",
+            "python3 -u rt.py",
+            "--fork-init",
+            "--root-dir",
+            "/run/sb/root",
+            "--code-dir=/srv/code",
+            "--init-timeout-ms",
+            "500",
+        ])
+        .unwrap();
+        assert_eq!(a.sandbox_id, "sb-1");
+        assert_eq!(a.endpoint, Endpoint::Fd(3));
+        assert_eq!(a.host_id, "h1");
+        assert_eq!(a.handler_kind, HandlerKind::Persistent);
+        assert_eq!(a.handler, "python3 -u rt.py");
+        assert!(a.fork_init);
+        assert_eq!(a.init_timeout, Duration::from_millis(500));
+        let root = a.root.unwrap();
+        assert_eq!(root.root_dir, PathBuf::from("/run/sb/root"));
+        assert_eq!(root.code_dir, PathBuf::from("/srv/code"));
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&[
+            "--sandbox-id",
+            "x",
+            "--connect",
+            "unix:/tmp/s",
+            "--handler",
+            "cat",
+        ])
+        .unwrap();
+        assert_eq!(a.endpoint, Endpoint::Unix("/tmp/s".into()));
+        assert_eq!(a.handler_kind, HandlerKind::Exec);
+        assert_eq!(a.host_id, "");
+        assert!(!a.fork_init);
+        assert_eq!(a.root, None);
+        assert_eq!(a.init_timeout, DEFAULT_INIT_TIMEOUT);
+    }
+
+    #[test]
+    fn vsock_endpoint_parses() {
+        let a = parse(&[
+            "--sandbox-id",
+            "x",
+            "--connect",
+            "vsock:2:52",
+            "--handler",
+            "cat",
+        ])
+        .unwrap();
+        assert_eq!(a.endpoint, Endpoint::Vsock { cid: 2, port: 52 });
+    }
+
+    #[test]
+    fn bad_command_lines() {
+        use ArgsError::*;
+        let cases: &[(&[&str], ArgsError)] = &[
+            (&["--fd", "3", "--handler", "cat"], Required("--sandbox-id")),
+            (
+                &["--sandbox-id", "x", "--handler", "cat"],
+                Required("--fd or --connect"),
+            ),
+            (&["--sandbox-id", "x", "--fd", "3"], Required("--handler")),
+            (&["--sandbox-id", "x", "--fd"], MissingValue("--fd".into())),
+            (&["--sandbox-id", "x", "--bogus"], Unknown("--bogus".into())),
+            (
+                &["--sandbox-id", "x", "--sandbox-id", "y"],
+                Repeated("--sandbox-id".into()),
+            ),
+            (
+                &[
+                    "--sandbox-id",
+                    "x",
+                    "--fd",
+                    "3",
+                    "--connect",
+                    "unix:/s",
+                    "--handler",
+                    "c",
+                ],
+                Conflict("give --fd or --connect, not both"),
+            ),
+            (
+                &[
+                    "--sandbox-id",
+                    "x",
+                    "--fd",
+                    "3",
+                    "--handler",
+                    "c",
+                    "--root-dir",
+                    "/r",
+                ],
+                Conflict("--root-dir and --code-dir go together"),
+            ),
+            (&["--help"], Help),
+        ];
+        for (argv, want) in cases {
+            assert_eq!(&parse(argv).unwrap_err(), want, "argv {argv:?}");
+        }
+        for argv in [
+            &["--sandbox-id", "x", "--fd", "three", "--handler", "c"][..],
+            &["--sandbox-id", "x", "--fd", "-1", "--handler", "c"],
+            &[
+                "--sandbox-id",
+                "x",
+                "--connect",
+                "tcp:1.2.3.4",
+                "--handler",
+                "c",
+            ],
+            &[
+                "--sandbox-id",
+                "x",
+                "--connect",
+                "vsock:2",
+                "--handler",
+                "c",
+            ],
+            &[
+                "--sandbox-id",
+                "x",
+                "--fd",
+                "3",
+                "--handler",
+                "c",
+                "--handler-kind",
+                "lambda",
+            ],
+            &[
+                "--sandbox-id",
+                "x",
+                "--fd",
+                "3",
+                "--handler",
+                "c",
+                "--init-timeout-ms",
+                "1s",
+            ],
+            &["--sandbox-id", "", "--fd", "3", "--handler", "c"],
+            &["--sandbox-id", "x", "--fd", "3", "--handler", "  "],
+        ] {
+            let e = parse(argv).unwrap_err();
+            assert!(matches!(e, InvalidValue { .. }), "argv {argv:?} gave {e:?}");
+            assert!(e.to_string().contains("invalid value"), "{e}");
+        }
+    }
+}

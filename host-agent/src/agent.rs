@@ -1,0 +1,995 @@
+//! The agent: function registry, pools, the invoke path, the reaper, and the views the
+//! API serves. One instance per host.
+
+use crate::config::{AgentConfig, FunctionSpec};
+use crate::drivers::{self, Driver, DriverError, SandboxSpec};
+use crate::link::{Link, LinkError, LogLine};
+use crate::metrics::AgentMetrics;
+use crate::pool::{BootTimes, Pool, Sandbox, SandboxState};
+use crate::recorder::{
+    Aggregator, Outcome, Phase, Recorder, Sample, SnapshotHandle, StatsSnapshot,
+};
+use crate::util::us;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No driver could be set up.
+    #[error("no sandbox driver available")]
+    Driver(#[from] DriverError),
+}
+
+/// Why an invocation did not reach the function.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// No such function.
+    #[error("function not found: {0}")]
+    NotFound(String),
+    /// No capacity.
+    #[error("{0}")]
+    Throttled(String),
+    /// Request payload over the limit.
+    #[error("request payload of {size} bytes exceeds the {max}-byte limit")]
+    PayloadTooLarge {
+        /// Payload size.
+        size: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The platform failed (driver could not start a sandbox, ...).
+    #[error("sandbox could not be started: {0}")]
+    Platform(String),
+}
+
+/// Function-visible outcome kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Handler succeeded.
+    Ok,
+    /// Handler failed.
+    FunctionError,
+    /// Deadline passed; sandbox replaced.
+    Timeout,
+    /// Killed at the memory limit.
+    OutOfMemory,
+}
+
+/// The result of an invocation that reached a sandbox.
+#[derive(Debug, Clone, Serialize)]
+pub struct Invocation {
+    /// Request id.
+    pub invoke_id: String,
+    /// Function.
+    pub function: String,
+    /// Sandbox that ran it.
+    pub sandbox_id: String,
+    /// A new sandbox was started for it.
+    pub cold: bool,
+    /// Outcome.
+    pub status: Status,
+    /// Response payload (or the handler's output on error).
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    /// Error class (Lambda style), empty on success.
+    pub error_type: String,
+    /// Error message, empty on success.
+    pub error_message: String,
+    /// Request → response, µs.
+    pub total_us: u64,
+    /// Init duration for cold starts, µs.
+    pub init_us: Option<u64>,
+    /// Phases that occurred, µs.
+    pub phases: BTreeMap<&'static str, u64>,
+    /// Handler peak RSS, KiB.
+    pub max_rss_kib: u64,
+    /// Handler CPU, µs.
+    pub cpu_us: u64,
+}
+
+/// Options of one invocation.
+#[derive(Debug, Default, Clone)]
+pub struct InvokeOptions {
+    /// W3C traceparent to pass to the sandbox.
+    pub traceparent: String,
+}
+
+/// See the module docs.
+pub struct Agent {
+    cfg: AgentConfig,
+    driver: Arc<dyn Driver>,
+    driver_reason: String,
+    pools: Vec<Arc<Pool>>,
+    by_name: HashMap<String, usize>,
+    sandboxes: Mutex<BTreeMap<String, Arc<Sandbox>>>,
+    recorder: Arc<Recorder>,
+    snapshots: SnapshotHandle,
+    metrics: Arc<AgentMetrics>,
+    logs: broadcast::Sender<LogLine>,
+    host_id: String,
+    ids: AtomicU64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("driver", &self.driver.name())
+            .finish()
+    }
+}
+
+/// Why a sandbox failed to start.
+enum BootFailure {
+    /// The platform failed.
+    Platform(String),
+    /// The function's runtime failed to initialise.
+    Init(String),
+}
+
+impl Agent {
+    /// Pick a driver, build pools, start the aggregator, reaper and pre-warming.
+    pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, StartError> {
+        let (driver, driver_reason) = drivers::select(&cfg)?;
+        Ok(Self::with_driver(cfg, driver, driver_reason))
+    }
+
+    /// Build an agent around a given driver (tests, embedding).
+    pub fn with_driver(
+        cfg: AgentConfig,
+        driver: Arc<dyn Driver>,
+        driver_reason: String,
+    ) -> Arc<Agent> {
+        let recorder = Arc::new(Recorder::new(cfg.recorder_queue));
+        let names = cfg.functions.iter().map(|f| f.name.clone()).collect();
+        let metrics = Arc::new(AgentMetrics::default());
+        let m2 = metrics.clone();
+        let snapshots = Aggregator::new(recorder.clone(), names).spawn(Arc::new(move || {
+            vec![("log_lines", m2.log_lines_lost.load(Ordering::Relaxed))]
+        }));
+        let pools: Vec<Arc<Pool>> = cfg
+            .functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Arc::new(Pool::new(Arc::new(f.clone()), i as u32)))
+            .collect();
+        let by_name = cfg
+            .functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect();
+        let host_id = {
+            let m = crate::procfs::machine_id();
+            if m.is_empty() {
+                crate::procfs::hostname()
+            } else {
+                m
+            }
+        };
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ ((std::process::id() as u64) << 32);
+        let (logs, _) = broadcast::channel(4096);
+        let agent = Arc::new(Agent {
+            cfg,
+            driver,
+            driver_reason,
+            pools,
+            by_name,
+            sandboxes: Mutex::new(BTreeMap::new()),
+            recorder,
+            snapshots,
+            metrics,
+            logs,
+            host_id,
+            ids: AtomicU64::new(seed | 1),
+        });
+        agent.clone().spawn_reaper();
+        for p in &agent.pools {
+            for _ in 0..p.spec.pool.prewarm {
+                let a = agent.clone();
+                let p = p.clone();
+                tokio::spawn(async move { a.prewarm_one(&p).await });
+            }
+        }
+        agent
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// The driver in use and why it was chosen.
+    pub fn driver(&self) -> (&'static str, &str) {
+        (self.driver.name(), &self.driver_reason)
+    }
+
+    /// Agent self-metrics.
+    pub fn metrics(&self) -> &Arc<AgentMetrics> {
+        &self.metrics
+    }
+
+    /// Subscribe to every function log line.
+    pub fn subscribe_logs(&self) -> broadcast::Receiver<LogLine> {
+        self.logs.subscribe()
+    }
+
+    /// The recorder (for benchmarks).
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
+    }
+
+    fn next_rand(&self) -> u64 {
+        // xorshift64*, shared: ids only need to be unique and unguessable-ish, not secret.
+        let mut x = self.ids.load(Ordering::Relaxed);
+        loop {
+            let mut y = x;
+            y ^= y >> 12;
+            y ^= y << 25;
+            y ^= y >> 27;
+            match self
+                .ids
+                .compare_exchange_weak(x, y, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return y.wrapping_mul(0x2545F4914F6CDD1D),
+                Err(cur) => x = cur,
+            }
+        }
+    }
+
+    fn new_invoke_id(&self) -> String {
+        let (a, b) = (self.next_rand(), self.next_rand());
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            (b >> 48) & 0x3fff | 0x8000,
+            b & 0xffff_ffff_ffff
+        )
+    }
+
+    fn new_sandbox_id(&self, function: &str) -> String {
+        loop {
+            let id = format!("{function}-{:08x}", self.next_rand() as u32);
+            if !self
+                .sandboxes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&id)
+            {
+                return id;
+            }
+        }
+    }
+
+    /// Start a sandbox for `pool` and wait until it is Ready.
+    async fn boot(&self, pool: &Pool) -> Result<Arc<Sandbox>, BootFailure> {
+        pool.booting.fetch_add(1, Ordering::AcqRel);
+        let r = self.boot_inner(pool).await;
+        pool.booting.fetch_sub(1, Ordering::AcqRel);
+        match &r {
+            Ok(_) => self
+                .metrics
+                .sandboxes_started
+                .fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed),
+        };
+        r
+    }
+
+    async fn boot_inner(&self, pool: &Pool) -> Result<Arc<Sandbox>, BootFailure> {
+        let spec = SandboxSpec {
+            id: self.new_sandbox_id(&pool.spec.name),
+            function: pool.spec.clone(),
+            host_id: self.host_id.clone(),
+        };
+        let t0 = Instant::now();
+        let deadline = t0 + self.cfg.boot_timeout;
+        let spawned = self
+            .driver
+            .spawn(&spec)
+            .await
+            .map_err(|e| BootFailure::Platform(chain(&e)))?;
+        let running_at = spawned.running_at;
+        let handle = spawned.handle;
+        let hs = match Link::handshake(
+            spawned.stream,
+            &spec.id,
+            &pool.spec.name,
+            deadline.saturating_duration_since(Instant::now()),
+            self.metrics.clone(),
+            self.logs.clone(),
+        )
+        .await
+        {
+            Ok(hs) => hs,
+            Err(e) => {
+                // Give the process a moment to finish writing why it died.
+                for _ in 0..20 {
+                    if handle.exited() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let diag = handle.diagnostics();
+                handle.destroy().await;
+                let mut msg = format!("sandbox {}: {e}", spec.id);
+                if !diag.is_empty() {
+                    msg.push_str(&format!("; probe output: {}", diag.replace('\n', " | ")));
+                }
+                return Err(BootFailure::Platform(msg));
+            }
+        };
+        let ready = match tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            hs.ready,
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => {
+                let reason = hs.link.closed_reason().unwrap_or_default();
+                handle.destroy().await;
+                return Err(BootFailure::Platform(format!(
+                    "sandbox {}: link closed before Ready: {reason}",
+                    spec.id
+                )));
+            }
+            Err(_) => {
+                handle.destroy().await;
+                return Err(BootFailure::Init(format!(
+                    "runtime of sandbox {} not ready within {:.1} s",
+                    spec.id,
+                    self.cfg.boot_timeout.as_secs_f64()
+                )));
+            }
+        };
+        if !ready.error.is_empty() {
+            hs.link
+                .shutdown("runtime init failed", Duration::ZERO)
+                .await;
+            handle.destroy().await;
+            return Err(BootFailure::Init(ready.error));
+        }
+        let now = Instant::now();
+        let boot = BootTimes {
+            spawn_us: us(running_at.saturating_duration_since(t0)),
+            probe_init_us: us(hs.hello_at.saturating_duration_since(running_at)),
+            runtime_init_us: us(now.saturating_duration_since(hs.hello_at)),
+        };
+        let sb = Arc::new(Sandbox::new(
+            spec.id.clone(),
+            pool.spec.clone(),
+            pool.index,
+            self.driver.name(),
+            hs.link,
+            handle,
+            hs.hello,
+            boot,
+        ));
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.id, sb.clone());
+        Ok(sb)
+    }
+
+    async fn prewarm_one(self: &Arc<Self>, pool: &Arc<Pool>) {
+        let Some(_permit) = pool.try_acquire() else {
+            return;
+        };
+        match self.boot(pool).await {
+            Ok(sb) => {
+                sb.set_state(SandboxState::Idle);
+                self.park(pool, sb).await;
+            }
+            Err(BootFailure::Platform(e) | BootFailure::Init(e)) => {
+                tracing::warn!(function = %pool.spec.name, "pre-warm failed: {e}");
+            }
+        }
+    }
+
+    /// Put a sandbox back in its pool, frozen if configured.
+    async fn park(&self, pool: &Pool, sb: Arc<Sandbox>) {
+        if pool.spec.pool.freeze_idle && sb.handle.can_freeze() {
+            match sb.handle.freeze().await {
+                Ok(_) => sb.set_state(SandboxState::Frozen),
+                Err(e) => {
+                    tracing::warn!(sandbox = %sb.id, "freeze failed, keeping it thawed: {}", chain(&e));
+                    sb.set_state(SandboxState::Idle);
+                }
+            }
+        } else {
+            sb.set_state(SandboxState::Idle);
+        }
+        pool.put_idle(sb);
+    }
+
+    /// End a sandbox and forget it.
+    pub async fn destroy(&self, sb: &Arc<Sandbox>, reason: &str) {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&sb.id);
+        tracing::debug!(sandbox = %sb.id, "ending sandbox: {reason}");
+        if sb.state() != SandboxState::Frozen && sb.link.is_alive() {
+            sb.link.shutdown(reason, Duration::from_millis(100)).await;
+            for _ in 0..20 {
+                if sb.handle.exited() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        sb.handle.destroy().await;
+        self.metrics.sandboxes_ended.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn spawn_destroy(self: &Arc<Self>, sb: Arc<Sandbox>, reason: &'static str) {
+        let a = self.clone();
+        tokio::spawn(async move { a.destroy(&sb, reason).await });
+    }
+
+    fn spawn_reaper(self: Arc<Self>) {
+        let min_keep = self
+            .pools
+            .iter()
+            .map(|p| p.spec.pool.keep_alive)
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let period = (min_keep / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(agent) = weak.upgrade() else { break };
+                for p in &agent.pools {
+                    for sb in p.take_expired() {
+                        let reason = if sb.healthy() {
+                            "idle past keep-alive"
+                        } else {
+                            "sandbox died"
+                        };
+                        agent.destroy(&sb, reason).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Run one invocation of `name` with `payload`.
+    pub async fn invoke(
+        self: &Arc<Self>,
+        name: &str,
+        payload: Vec<u8>,
+        opts: InvokeOptions,
+    ) -> Result<Invocation, InvokeError> {
+        let t0 = Instant::now();
+        let pool = self
+            .by_name
+            .get(name)
+            .map(|i| self.pools[*i].clone())
+            .ok_or_else(|| InvokeError::NotFound(name.to_string()))?;
+        if payload.len() > wire::MAX_PAYLOAD {
+            return Err(InvokeError::PayloadTooLarge {
+                size: payload.len(),
+                max: wire::MAX_PAYLOAD,
+            });
+        }
+        let permit = match pool.acquire().await {
+            Ok(p) => p,
+            Err(e) => {
+                self.recorder
+                    .record(Sample::new(pool.index, false, Outcome::Throttled));
+                return Err(InvokeError::Throttled(e.to_string()));
+            }
+        };
+        let mut sample = Sample::new(pool.index, false, Outcome::Ok);
+        let queued = t0.elapsed();
+        if queued > Duration::from_micros(50) {
+            sample.set(Phase::Queue, queued);
+        }
+        let (idle, dead) = pool.take_idle();
+        for sb in dead {
+            self.spawn_destroy(sb, "sandbox died while idle");
+        }
+        let sb = match idle {
+            Some(sb) => {
+                if sb.state() == SandboxState::Frozen {
+                    match sb.handle.thaw().await {
+                        Ok(d) => sample.set(Phase::Thaw, d),
+                        Err(e) => {
+                            tracing::warn!(sandbox = %sb.id, "thaw failed: {}", chain(&e));
+                        }
+                    }
+                }
+                sb.set_state(SandboxState::Busy);
+                sb
+            }
+            None => match self.boot(&pool).await {
+                Ok(sb) => {
+                    sample.cold = true;
+                    sample.phases_us[Phase::Spawn as usize] = sb.boot.spawn_us;
+                    sample.phases_us[Phase::ProbeInit as usize] = sb.boot.probe_init_us;
+                    sample.phases_us[Phase::RuntimeInit as usize] = sb.boot.runtime_init_us;
+                    sb
+                }
+                Err(BootFailure::Platform(msg)) => {
+                    sample.outcome = Outcome::PlatformError;
+                    sample.total_us = us(t0.elapsed());
+                    self.recorder.record(sample);
+                    drop(permit);
+                    return Err(InvokeError::Platform(msg));
+                }
+                Err(BootFailure::Init(msg)) => {
+                    sample.cold = true;
+                    sample.outcome = Outcome::FunctionError;
+                    sample.total_us = us(t0.elapsed());
+                    self.recorder.record(sample);
+                    drop(permit);
+                    return Ok(Invocation {
+                        invoke_id: self.new_invoke_id(),
+                        function: pool.spec.name.clone(),
+                        sandbox_id: String::new(),
+                        cold: true,
+                        status: Status::FunctionError,
+                        payload: Vec::new(),
+                        error_type: "Runtime.InitError".into(),
+                        error_message: msg,
+                        total_us: sample.total_us,
+                        init_us: None,
+                        phases: BTreeMap::new(),
+                        max_rss_kib: 0,
+                        cpu_us: 0,
+                    });
+                }
+            },
+        };
+        sb.count_invocation();
+        let invoke_id = self.new_invoke_id();
+        let timeout = pool.spec.timeout;
+        let oom_before = sb.handle.oom_kills();
+        let t_send = Instant::now();
+        let res = sb
+            .link
+            .invoke(
+                wire::Invoke {
+                    invoke_id: invoke_id.clone(),
+                    payload,
+                    timeout_ms: timeout.as_millis() as u64,
+                    traceparent: opts.traceparent,
+                },
+                // The probe enforces the deadline; this is the backstop if it cannot.
+                timeout + Duration::from_secs(2),
+            )
+            .await;
+        sample.set(Phase::Invoke, t_send.elapsed());
+        let (status, payload, error_type, error_message, keep) = match res {
+            Ok(r) => {
+                sample.max_rss_kib = r.max_rss_kib;
+                sample.cpu_us = r.cpu_user_us + r.cpu_system_us;
+                match r.status() {
+                    wire::InvokeStatus::Ok => (Status::Ok, r.payload, String::new(), String::new(), true),
+                    wire::InvokeStatus::FunctionError => {
+                        (Status::FunctionError, r.payload, r.error_type, r.error_message, true)
+                    }
+                    wire::InvokeStatus::Timeout => {
+                        (Status::Timeout, r.payload, "Sandbox.Timedout".into(), timeout_message(timeout), false)
+                    }
+                    wire::InvokeStatus::Killed if sb.handle.oom_kills() > oom_before => (
+                        Status::OutOfMemory,
+                        r.payload,
+                        "Runtime.OutOfMemory".into(),
+                        format!(
+                            "Runtime exited with error: signal: killed (out of memory at the {} MiB limit)",
+                            pool.spec.memory_mb
+                        ),
+                        false,
+                    ),
+                    wire::InvokeStatus::Killed => {
+                        (Status::FunctionError, r.payload, r.error_type, r.error_message, false)
+                    }
+                    wire::InvokeStatus::ResponseTooLarge => (
+                        Status::FunctionError,
+                        Vec::new(),
+                        "Function.ResponseSizeTooLarge".into(),
+                        r.error_message,
+                        true,
+                    ),
+                    wire::InvokeStatus::RuntimeError | wire::InvokeStatus::Unspecified => (
+                        Status::FunctionError,
+                        r.payload,
+                        if r.error_type.is_empty() { "Runtime.Unknown".into() } else { r.error_type },
+                        r.error_message,
+                        false,
+                    ),
+                }
+            }
+            Err(LinkError::Timeout { .. }) => (
+                Status::Timeout,
+                Vec::new(),
+                "Sandbox.Timedout".into(),
+                timeout_message(timeout),
+                false,
+            ),
+            Err(e) => (
+                Status::FunctionError,
+                Vec::new(),
+                "Runtime.ExitError".into(),
+                format!("sandbox {} ended during the invocation: {e}", sb.id),
+                false,
+            ),
+        };
+        sample.outcome = match status {
+            Status::Ok => Outcome::Ok,
+            Status::FunctionError => Outcome::FunctionError,
+            Status::Timeout => Outcome::Timeout,
+            Status::OutOfMemory => Outcome::OutOfMemory,
+        };
+        sample.total_us = us(t0.elapsed());
+        self.recorder.record(sample);
+        let inv = Invocation {
+            invoke_id,
+            function: pool.spec.name.clone(),
+            sandbox_id: sb.id.clone(),
+            cold: sample.cold,
+            status,
+            payload,
+            error_type,
+            error_message,
+            total_us: sample.total_us,
+            init_us: sample.init_us(),
+            phases: crate::recorder::PHASES
+                .iter()
+                .zip(sample.phases_us)
+                .filter(|(_, v)| *v != crate::recorder::NO_PHASE)
+                .map(|(n, v)| (*n, v))
+                .collect(),
+            max_rss_kib: sample.max_rss_kib,
+            cpu_us: sample.cpu_us,
+        };
+        // Hand the sandbox back (or replace it) off the response path.
+        let agent = self.clone();
+        tokio::spawn(async move {
+            if keep && sb.healthy() {
+                agent.park(&pool, sb).await;
+            } else {
+                agent
+                    .destroy(&sb, "replaced after a failed invocation")
+                    .await;
+            }
+            drop(permit);
+        });
+        Ok(inv)
+    }
+
+    /// A fresh stats snapshot.
+    pub async fn stats(&self) -> StatsSnapshot {
+        self.snapshots
+            .snapshot()
+            .await
+            .expect("aggregator task lives as long as the agent")
+    }
+
+    /// Functions and their pool state.
+    pub fn functions_view(&self) -> Vec<FunctionView> {
+        self.pools
+            .iter()
+            .map(|p| {
+                let mut counts = StateCounts {
+                    booting: p.booting.load(Ordering::Acquire),
+                    ..Default::default()
+                };
+                for sb in self
+                    .sandboxes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                {
+                    if sb.fn_index == p.index {
+                        counts.add(sb.state());
+                    }
+                }
+                FunctionView {
+                    spec: (*p.spec).clone(),
+                    sandboxes: counts,
+                    queued: p.waiting(),
+                }
+            })
+            .collect()
+    }
+
+    fn live_sandboxes(&self) -> Vec<Arc<Sandbox>> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Sandboxes with their probe reports, and host packing.
+    pub fn sandboxes_view(&self) -> SandboxesView {
+        let sbs = self.live_sandboxes();
+        let views: Vec<SandboxView> = sbs.iter().map(|sb| sandbox_view(sb)).collect();
+        let mut hosts: BTreeMap<(String, String), HostView> = BTreeMap::new();
+        let host_mem = crate::procfs::host_mem();
+        let local_boot = crate::procfs::boot_id();
+        for v in &views {
+            let key = (v.probe.boot_id.clone(), v.probe.machine_id.clone());
+            let h = hosts.entry(key).or_insert_with(|| HostView {
+                boot_id: v.probe.boot_id.clone(),
+                machine_id: v.probe.machine_id.clone(),
+                local: v.probe.boot_id == local_boot,
+                ..Default::default()
+            });
+            h.sandboxes.add(v.state);
+            h.memory_committed_bytes += v.memory_limit_bytes;
+            h.memory_resident_bytes += v.usage.rss_bytes;
+            h.vcpus_configured += v.cpus;
+        }
+        let cores = crate::procfs::cores();
+        let load1 = crate::procfs::load1();
+        let hosts = hosts
+            .into_values()
+            .map(|mut h| {
+                if h.local {
+                    h.host_memory_total_bytes = host_mem.total_bytes;
+                    h.host_memory_available_bytes = host_mem.available_bytes;
+                    h.host_cores = cores;
+                    h.load1 = load1;
+                    h.vcpu_oversubscription = h.vcpus_configured / cores as f64;
+                }
+                h
+            })
+            .collect();
+        SandboxesView {
+            sandboxes: views,
+            hosts,
+        }
+    }
+
+    /// One sandbox with its recent logs.
+    pub fn sandbox_detail(&self, id: &str) -> Option<SandboxDetail> {
+        let sb = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()?;
+        Some(SandboxDetail {
+            sandbox: sandbox_view(&sb),
+            markers: sb
+                .hello
+                .markers
+                .iter()
+                .map(|m| (m.name.clone(), m.since_init_ns))
+                .collect(),
+            logs: sb.link.recent_logs(),
+        })
+    }
+
+    /// End every sandbox (agent shutdown).
+    pub async fn shutdown(&self) {
+        for sb in self.live_sandboxes() {
+            self.destroy(&sb, "agent shutting down").await;
+        }
+    }
+}
+
+fn timeout_message(t: Duration) -> String {
+    format!("Task timed out after {:.2} seconds", t.as_secs_f64())
+}
+
+/// Render an error with its sources.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Sandboxes per state.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StateCounts {
+    /// Starting.
+    pub booting: usize,
+    /// Idle.
+    pub idle: usize,
+    /// Busy.
+    pub busy: usize,
+    /// Frozen.
+    pub frozen: usize,
+}
+
+impl StateCounts {
+    fn add(&mut self, s: SandboxState) {
+        match s {
+            SandboxState::Booting => self.booting += 1,
+            SandboxState::Idle => self.idle += 1,
+            SandboxState::Busy => self.busy += 1,
+            SandboxState::Frozen => self.frozen += 1,
+        }
+    }
+}
+
+/// `/v1/functions` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionView {
+    /// Config.
+    #[serde(flatten)]
+    pub spec: FunctionSpec,
+    /// Sandboxes by state.
+    pub sandboxes: StateCounts,
+    /// Invocations waiting for capacity.
+    pub queued: usize,
+}
+
+/// The probe's report, as the API shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProbeView {
+    /// Guest boot id.
+    pub boot_id: String,
+    /// Hostname inside.
+    pub hostname: String,
+    /// machine-id inside.
+    pub machine_id: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// CPU model (/proc/cpuinfo).
+    pub cpu_model: String,
+    /// Logical CPUs visible.
+    pub cpu_cores: u32,
+    /// MemTotal, KiB.
+    pub mem_total_kib: u64,
+    /// MemAvailable, KiB.
+    pub mem_available_kib: u64,
+    /// Uptime when the probe started, s.
+    pub uptime_at_init_s: f64,
+    /// CPUID hypervisor signature.
+    pub hypervisor: String,
+    /// CPUID brand string.
+    pub host_cpu_model: String,
+    /// Host id handed in and echoed back.
+    pub host_id: String,
+    /// Probe version.
+    pub probe_version: String,
+    /// Probe pid (1 = it is the sandbox's init).
+    pub probe_pid: u32,
+}
+
+/// `/v1/sandboxes` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxView {
+    /// Id.
+    pub id: String,
+    /// Function.
+    pub function: String,
+    /// Driver.
+    pub driver: &'static str,
+    /// State.
+    pub state: SandboxState,
+    /// Invocations served.
+    pub invocations: u64,
+    /// Age, s.
+    pub age_s: f64,
+    /// Time since last use, s.
+    pub idle_s: f64,
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+    /// Host-side usage.
+    pub usage: drivers::Usage,
+    /// Memory limit, bytes.
+    pub memory_limit_bytes: u64,
+    /// CPU limit, cores.
+    pub cpus: f64,
+    /// Start timings.
+    pub boot: BootTimes,
+    /// Probe report.
+    pub probe: ProbeView,
+}
+
+fn sandbox_view(sb: &Sandbox) -> SandboxView {
+    let h = &sb.hello;
+    let usage = sb.handle.usage();
+    let cpu = h.cpu.clone().unwrap_or_default();
+    let mem = h.mem.clone().unwrap_or_default();
+    let host = h.host.clone().unwrap_or_default();
+    SandboxView {
+        id: sb.id.clone(),
+        function: sb.function.name.clone(),
+        driver: sb.driver,
+        state: sb.state(),
+        invocations: sb.invocations(),
+        age_s: sb.age().as_secs_f64(),
+        idle_s: sb.idle_for().as_secs_f64(),
+        rss_bytes: usage.rss_bytes,
+        usage,
+        memory_limit_bytes: sb.function.memory_bytes(),
+        cpus: sb.function.cpus,
+        boot: sb.boot,
+        probe: ProbeView {
+            boot_id: h.boot_id.clone(),
+            hostname: h.hostname.clone(),
+            machine_id: h.machine_id.clone(),
+            kernel: h.kernel_release.clone(),
+            cpu_model: cpu.model,
+            cpu_cores: cpu.cores,
+            mem_total_kib: mem.total_kib,
+            mem_available_kib: mem.available_kib,
+            uptime_at_init_s: h.uptime_at_init_us as f64 / 1e6,
+            hypervisor: host.hypervisor,
+            host_cpu_model: host.cpu_model,
+            host_id: host.host_id_echo,
+            probe_version: h.probe_version.clone(),
+            probe_pid: h.probe_pid,
+        },
+    }
+}
+
+/// Packing of one host (sandboxes grouped by guest boot_id + machine-id).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostView {
+    /// boot_id the sandboxes report.
+    pub boot_id: String,
+    /// machine-id they report.
+    pub machine_id: String,
+    /// Whether this is the agent's own kernel.
+    pub local: bool,
+    /// Sandboxes by state.
+    pub sandboxes: StateCounts,
+    /// Sum of memory limits, bytes.
+    pub memory_committed_bytes: u64,
+    /// Sum of resident memory, bytes.
+    pub memory_resident_bytes: u64,
+    /// Host MemTotal, bytes (local host only).
+    pub host_memory_total_bytes: u64,
+    /// Host MemAvailable, bytes (local host only).
+    pub host_memory_available_bytes: u64,
+    /// Host cores (local host only).
+    pub host_cores: usize,
+    /// 1-minute load (local host only).
+    pub load1: f64,
+    /// Sum of CPU limits.
+    pub vcpus_configured: f64,
+    /// vcpus_configured / host cores.
+    pub vcpu_oversubscription: f64,
+}
+
+/// `/v1/sandboxes` body.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxesView {
+    /// Live sandboxes.
+    pub sandboxes: Vec<SandboxView>,
+    /// Packing per host.
+    pub hosts: Vec<HostView>,
+}
+
+/// `/v1/sandboxes/{id}` body.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxDetail {
+    /// The sandbox.
+    #[serde(flatten)]
+    pub sandbox: SandboxView,
+    /// Probe markers, ns since init.
+    pub markers: Vec<(String, u64)>,
+    /// Recent log lines.
+    pub logs: Vec<LogLine>,
+}

@@ -1,0 +1,196 @@
+//! The agent's HTTP API: the Lambda Invoke API shape plus `/v1/...` JSON views.
+
+use crate::agent::{chain, Agent, InvokeError, InvokeOptions, Status};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::sync::Arc;
+
+/// Header telling whether an invocation started a new sandbox.
+pub const HDR_COLDSTART: &str = "x-sandscope-coldstart";
+/// Header naming the sandbox that ran the invocation.
+pub const HDR_SANDBOX: &str = "x-sandscope-sandbox-id";
+
+/// Build the router.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/2015-03-31/functions/{name}/invocations", post(invoke))
+        .route("/v1/functions", get(functions))
+        .route("/v1/sandboxes", get(sandboxes))
+        .route("/v1/sandboxes/{id}", get(sandbox))
+        .route("/v1/stats", get(stats))
+        .route("/v1/health", get(health))
+        .layer(DefaultBodyLimit::max(wire::MAX_PAYLOAD))
+        .with_state(agent)
+}
+
+/// Serve on `listener` until `shutdown` resolves.
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn service_error(status: StatusCode, kind: &str, message: String) -> Response {
+    let mut r = (
+        status,
+        Json(serde_json::json!({"Type": "User", "message": message})),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(kind) {
+        r.headers_mut().insert("x-amzn-errortype", v);
+    }
+    r
+}
+
+async fn invoke(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let hdr = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let opts = InvokeOptions {
+        traceparent: hdr("traceparent"),
+    };
+    match hdr("x-amz-invocation-type").as_str() {
+        "" | "RequestResponse" => {}
+        "Event" => {
+            if !agent.config().functions.iter().any(|f| f.name == name) {
+                return not_found(&name);
+            }
+            let a = agent.clone();
+            let payload = body.to_vec();
+            tokio::spawn(async move {
+                if let Err(e) = a.invoke(&name, payload, opts).await {
+                    tracing::warn!("async invocation of {name} failed: {e}");
+                }
+            });
+            return StatusCode::ACCEPTED.into_response();
+        }
+        "DryRun" => return StatusCode::NO_CONTENT.into_response(),
+        other => {
+            return service_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                format!(
+                    "unknown X-Amz-Invocation-Type `{other}` (RequestResponse, Event or DryRun)"
+                ),
+            )
+        }
+    }
+    let res = agent.invoke(&name, body.to_vec(), opts).await;
+    let inv = match res {
+        Ok(inv) => inv,
+        Err(InvokeError::NotFound(n)) => return not_found(&n),
+        Err(e @ InvokeError::Throttled(_)) => {
+            return service_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                e.to_string(),
+            )
+        }
+        Err(e @ InvokeError::PayloadTooLarge { .. }) => {
+            return service_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                e.to_string(),
+            )
+        }
+        Err(e @ InvokeError::Platform(_)) => {
+            return service_error(StatusCode::BAD_GATEWAY, "ServiceException", chain(&e))
+        }
+    };
+    let mut resp = if inv.status == Status::Ok {
+        (StatusCode::OK, inv.payload).into_response()
+    } else {
+        let body = serde_json::json!({
+            "errorMessage": inv.error_message,
+            "errorType": inv.error_type,
+            "output": String::from_utf8_lossy(&inv.payload),
+        });
+        let mut r = (StatusCode::OK, Json(body)).into_response();
+        r.headers_mut().insert(
+            "x-amz-function-error",
+            HeaderValue::from_static("Unhandled"),
+        );
+        r
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        HDR_COLDSTART,
+        HeaderValue::from_static(if inv.cold { "true" } else { "false" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&inv.sandbox_id) {
+        h.insert(HDR_SANDBOX, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&inv.invoke_id) {
+        h.insert("x-amzn-requestid", v);
+    }
+    h.insert(
+        "x-amz-executed-version",
+        HeaderValue::from_static("$LATEST"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", inv.total_us as f64 / 1000.0)) {
+        h.insert("x-sandscope-duration-ms", v);
+    }
+    if let Some(init) = inv.init_us {
+        if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", init as f64 / 1000.0)) {
+            h.insert("x-sandscope-init-duration-ms", v);
+        }
+    }
+    resp
+}
+
+fn not_found(name: &str) -> Response {
+    service_error(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFoundException",
+        format!("Function not found: {name}"),
+    )
+}
+
+async fn functions(State(agent): State<Arc<Agent>>) -> Response {
+    Json(serde_json::json!({ "functions": agent.functions_view() })).into_response()
+}
+
+async fn sandboxes(State(agent): State<Arc<Agent>>) -> Response {
+    Json(agent.sandboxes_view()).into_response()
+}
+
+async fn sandbox(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Response {
+    match agent.sandbox_detail(&id) {
+        Some(d) => Json(d).into_response(),
+        None => service_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            format!("no live sandbox `{id}`"),
+        ),
+    }
+}
+
+async fn stats(State(agent): State<Arc<Agent>>) -> Response {
+    let snap = agent.stats().await;
+    let mut v = serde_json::to_value(&snap).unwrap_or_default();
+    v["agent"] = agent.metrics().to_json();
+    Json(v).into_response()
+}
+
+async fn health(State(agent): State<Arc<Agent>>) -> Response {
+    let (driver, why) = agent.driver();
+    Json(serde_json::json!({"status": "ok", "driver": driver, "driver_reason": why}))
+        .into_response()
+}

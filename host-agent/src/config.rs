@@ -1,0 +1,536 @@
+//! `sandscope.toml`: raw serde types (unknown keys rejected) and the validated form the
+//! rest of the agent uses. Every error names the file, the key and the reason.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown / mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file (or `<embedded>`).
+        path: String,
+        /// toml's message, which names the key, line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        /// The file (or `<embedded>`).
+        path: String,
+        /// Dotted key, e.g. `functions[1].memory_mb`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Raw file shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[agent]` table.
+    #[serde(default)]
+    pub agent: RawAgent,
+    /// `[[functions]]` tables.
+    #[serde(default)]
+    pub functions: Vec<RawFunction>,
+}
+
+/// Raw `[agent]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    /// HTTP listen address.
+    pub http: Option<String>,
+    /// Where sandboxes' runtime state lives.
+    pub state_dir: Option<PathBuf>,
+    /// Path of the guest-probe binary.
+    pub probe: Option<PathBuf>,
+    /// `auto`, `process`, `qemu`, `vmm-lite`.
+    pub driver: Option<String>,
+    /// Seconds a sandbox may take from spawn to Hello + Ready.
+    pub boot_timeout_s: Option<f64>,
+    /// Capacity of the recorder's sample queue.
+    pub recorder_queue: Option<usize>,
+}
+
+/// Raw `[[functions]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFunction {
+    /// Function name.
+    pub name: String,
+    /// Shell command run by the probe (exec: per invoke; persistent: once).
+    pub handler: String,
+    /// `exec` (default) or `persistent`.
+    pub kind: Option<String>,
+    /// Directory mounted read-only at /var/task.
+    pub code: PathBuf,
+    /// Memory limit in MiB.
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores.
+    pub cpus: Option<f64>,
+    /// Invoke timeout in seconds.
+    pub timeout_s: Option<f64>,
+    /// Environment for the handler.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Pool settings.
+    #[serde(default)]
+    pub pool: RawPool,
+}
+
+/// Raw `[functions.pool]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    /// Most sandboxes alive at once for this function.
+    pub max_sandboxes: Option<usize>,
+    /// Sandboxes started ahead of demand and kept warm.
+    pub prewarm: Option<usize>,
+    /// Seconds an idle sandbox is kept before it is reaped.
+    pub keep_alive_s: Option<f64>,
+    /// Invocations that may wait for capacity before new ones are throttled.
+    pub queue: Option<usize>,
+    /// Seconds a queued invocation waits before it is throttled.
+    pub queue_timeout_s: Option<f64>,
+    /// Freeze idle sandboxes (cgroup freezer) and thaw them on invoke.
+    pub freeze_idle: Option<bool>,
+}
+
+/// How the probe runs the handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    /// A new process per invocation: event on stdin, response on stdout.
+    Exec,
+    /// One long-lived process speaking the sandscope-lines/1 protocol.
+    Persistent,
+}
+
+impl HandlerKind {
+    /// The name used on the probe's command line and in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerKind::Exec => "exec",
+            HandlerKind::Persistent => "persistent",
+        }
+    }
+}
+
+/// Which sandbox driver to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverChoice {
+    /// Pick the best available, and say why.
+    Auto,
+    /// Namespaces + cgroups.
+    Process,
+    /// QEMU microvm.
+    Qemu,
+    /// vmm-lite microVM.
+    VmmLite,
+}
+
+impl std::str::FromStr for DriverChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "process" => Ok(Self::Process),
+            "qemu" => Ok(Self::Qemu),
+            "vmm-lite" => Ok(Self::VmmLite),
+            other => Err(format!(
+                "unknown driver `{other}` (expected auto, process, qemu or vmm-lite)"
+            )),
+        }
+    }
+}
+
+/// Validated pool settings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolConfig {
+    /// Most sandboxes alive at once.
+    pub max_sandboxes: usize,
+    /// Sandboxes kept warm ahead of demand.
+    pub prewarm: usize,
+    /// Idle time before reaping.
+    #[serde(serialize_with = "ser_secs")]
+    pub keep_alive: Duration,
+    /// Queue length before throttling.
+    pub queue: usize,
+    /// Longest wait in the queue.
+    #[serde(serialize_with = "ser_secs")]
+    pub queue_timeout: Duration,
+    /// Freeze idle sandboxes.
+    pub freeze_idle: bool,
+}
+
+/// A validated function.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FunctionSpec {
+    /// Name (also the Invoke API path segment).
+    pub name: String,
+    /// Handler command.
+    pub handler: String,
+    /// Handler kind.
+    pub kind: HandlerKind,
+    /// Absolute code directory.
+    pub code: PathBuf,
+    /// Memory limit in MiB.
+    pub memory_mb: u64,
+    /// CPU limit in cores.
+    pub cpus: f64,
+    /// Invoke timeout.
+    #[serde(serialize_with = "ser_secs")]
+    pub timeout: Duration,
+    /// Handler environment.
+    pub env: BTreeMap<String, String>,
+    /// Pool settings.
+    pub pool: PoolConfig,
+}
+
+impl FunctionSpec {
+    /// Memory limit in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mb * 1024 * 1024
+    }
+}
+
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// HTTP API listen address.
+    pub http: SocketAddr,
+    /// Runtime state directory.
+    pub state_dir: PathBuf,
+    /// Explicit probe binary, if configured.
+    pub probe: Option<PathBuf>,
+    /// Driver choice.
+    pub driver: DriverChoice,
+    /// Spawn → Ready deadline.
+    pub boot_timeout: Duration,
+    /// Recorder queue capacity.
+    pub recorder_queue: usize,
+    /// Functions served.
+    pub functions: Vec<FunctionSpec>,
+}
+
+/// Default HTTP address.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:9000";
+
+impl AgentConfig {
+    /// Load and validate a file. Relative code paths resolve against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+        Self::parse(&text, &path.display().to_string(), &base)
+    }
+
+    /// Parse and validate TOML text; `origin` names it in errors, `base` anchors relative paths.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Self::validate(raw, origin, base)
+    }
+
+    /// Turn raw values into a validated config.
+    pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            key,
+            reason,
+        };
+        let http_s = raw.agent.http.as_deref().unwrap_or(DEFAULT_HTTP);
+        let http: SocketAddr = http_s.parse().map_err(|_| {
+            invalid(
+                "agent.http".into(),
+                format!("`{http_s}` is not an address like 127.0.0.1:9000"),
+            )
+        })?;
+        let driver = match raw.agent.driver.as_deref() {
+            None => DriverChoice::Auto,
+            Some(s) => s.parse().map_err(|e| invalid("agent.driver".into(), e))?,
+        };
+        let boot_timeout = secs(raw.agent.boot_timeout_s, 10.0, 0.1, 600.0)
+            .map_err(|r| invalid("agent.boot_timeout_s".into(), r))?;
+        let recorder_queue = raw.agent.recorder_queue.unwrap_or(65_536);
+        if !(16..=16 << 20).contains(&recorder_queue) {
+            return Err(invalid(
+                "agent.recorder_queue".into(),
+                format!("must be between 16 and {} (got {recorder_queue})", 16 << 20),
+            ));
+        }
+        let state_dir = raw.agent.state_dir.unwrap_or_else(default_state_dir);
+        let mut functions = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, f) in raw.functions.into_iter().enumerate() {
+            let key = |k: &str| format!("functions[{i}].{k}");
+            if !valid_name(&f.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "`{}` is not a valid function name (1-48 chars of a-z, A-Z, 0-9, - and _)",
+                        f.name
+                    ),
+                ));
+            }
+            if !seen.insert(f.name.clone()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("duplicate function `{}`", f.name),
+                ));
+            }
+            if f.handler.trim().is_empty() {
+                return Err(invalid(key("handler"), "must not be empty".into()));
+            }
+            let kind = match f.kind.as_deref() {
+                None | Some("exec") => HandlerKind::Exec,
+                Some("persistent") => HandlerKind::Persistent,
+                Some(o) => {
+                    return Err(invalid(
+                        key("kind"),
+                        format!("unknown kind `{o}` (expected exec or persistent)"),
+                    ))
+                }
+            };
+            let code = if f.code.is_absolute() {
+                f.code.clone()
+            } else {
+                base.join(&f.code)
+            };
+            let code = code.canonicalize().map_err(|e| {
+                invalid(
+                    key("code"),
+                    format!("directory {} is not usable: {e}", code.display()),
+                )
+            })?;
+            if !code.is_dir() {
+                return Err(invalid(
+                    key("code"),
+                    format!("{} is not a directory", code.display()),
+                ));
+            }
+            let memory_mb = f.memory_mb.unwrap_or(128);
+            if !(16..=65_536).contains(&memory_mb) {
+                return Err(invalid(
+                    key("memory_mb"),
+                    format!("must be between 16 and 65536 (got {memory_mb})"),
+                ));
+            }
+            let cpus = f.cpus.unwrap_or(1.0);
+            if !(cpus.is_finite() && (0.01..=256.0).contains(&cpus)) {
+                return Err(invalid(
+                    key("cpus"),
+                    format!("must be between 0.01 and 256 (got {cpus})"),
+                ));
+            }
+            let timeout =
+                secs(f.timeout_s, 3.0, 0.001, 900.0).map_err(|r| invalid(key("timeout_s"), r))?;
+            for k in f.env.keys() {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(invalid(key("env"), format!("invalid variable name `{k}`")));
+                }
+            }
+            let p = &f.pool;
+            let max_sandboxes = p.max_sandboxes.unwrap_or(8);
+            if !(1..=4096).contains(&max_sandboxes) {
+                return Err(invalid(
+                    key("pool.max_sandboxes"),
+                    format!("must be between 1 and 4096 (got {max_sandboxes})"),
+                ));
+            }
+            let prewarm = p.prewarm.unwrap_or(0);
+            if prewarm > max_sandboxes {
+                return Err(invalid(
+                    key("pool.prewarm"),
+                    format!("{prewarm} exceeds pool.max_sandboxes ({max_sandboxes})"),
+                ));
+            }
+            let keep_alive = secs(p.keep_alive_s, 300.0, 0.05, 86_400.0)
+                .map_err(|r| invalid(key("pool.keep_alive_s"), r))?;
+            let queue = p.queue.unwrap_or(64);
+            if queue > 1_000_000 {
+                return Err(invalid(
+                    key("pool.queue"),
+                    format!("at most 1000000 (got {queue})"),
+                ));
+            }
+            let queue_timeout = secs(
+                p.queue_timeout_s,
+                timeout.as_secs_f64().max(1.0),
+                0.0,
+                900.0,
+            )
+            .map_err(|r| invalid(key("pool.queue_timeout_s"), r))?;
+            functions.push(FunctionSpec {
+                name: f.name,
+                handler: f.handler,
+                kind,
+                code,
+                memory_mb,
+                cpus,
+                timeout,
+                env: f.env,
+                pool: PoolConfig {
+                    max_sandboxes,
+                    prewarm,
+                    keep_alive,
+                    queue,
+                    queue_timeout,
+                    freeze_idle: p.freeze_idle.unwrap_or(false),
+                },
+            });
+        }
+        Ok(AgentConfig {
+            http,
+            state_dir,
+            probe: raw.agent.probe,
+            driver,
+            boot_timeout,
+            recorder_queue,
+            functions,
+        })
+    }
+}
+
+fn secs(v: Option<f64>, default: f64, min: f64, max: f64) -> Result<Duration, String> {
+    let v = v.unwrap_or(default);
+    if !(v.is_finite() && v >= min && v <= max) {
+        return Err(format!("must be between {min} and {max} seconds (got {v})"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Function names are path segments, cgroup names and hostnames: keep them simple.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 48
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `/run/sandscope` when writable (root), else a per-user temp dir.
+pub fn default_state_dir() -> PathBuf {
+    if Path::new("/run").is_dir() && crate::util::is_root() {
+        PathBuf::from("/run/sandscope")
+    } else {
+        std::env::temp_dir().join(format!("sandscope-{}", crate::util::uid()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(t, "test.toml", Path::new("/"))
+    }
+
+    #[test]
+    fn minimal_function_gets_defaults() {
+        let c = parse(
+            r#"
+            [[functions]]
+            name = "hello"
+            handler = "./h.sh"
+            code = "/tmp"
+            "#,
+        )
+        .unwrap();
+        let f = &c.functions[0];
+        assert_eq!(f.memory_mb, 128);
+        assert_eq!(f.kind, HandlerKind::Exec);
+        assert_eq!(f.timeout, Duration::from_secs(3));
+        assert_eq!(f.pool.max_sandboxes, 8);
+        assert_eq!(c.http.to_string(), DEFAULT_HTTP);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = parse("[agent]\nhttpp = \"x\"\n").unwrap_err().to_string();
+        assert!(e.starts_with("test.toml:"), "{e}");
+        assert!(e.contains("httpp"), "{e}");
+        let e =
+            parse("[[functions]]\nname='a'\nhandler='x'\ncode='/tmp'\n[functions.pool]\nmax=3\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("unknown field `max`"), "{e}");
+        assert!(e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_reason() {
+        let cases = [
+            ("memory_mb = 4", "functions[0].memory_mb", "between 16"),
+            ("kind = 'lambda'", "functions[0].kind", "unknown kind"),
+            ("timeout_s = -1.0", "functions[0].timeout_s", "between"),
+            ("cpus = 0.0", "functions[0].cpus", "between"),
+        ];
+        for (extra, key, reason) in cases {
+            let t = format!("[[functions]]\nname='a'\nhandler='x'\ncode='/tmp'\n{extra}\n");
+            let e = parse(&t).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(reason), "{extra}: {e}");
+            assert!(e.starts_with("test.toml: "), "{e}");
+        }
+        let e = parse("[agent]\nhttp='nope'\n").unwrap_err().to_string();
+        assert!(e.contains("agent.http"), "{e}");
+        let e = parse("[[functions]]\nname='a b'\nhandler='x'\ncode='/tmp'\n").unwrap_err();
+        assert!(e.to_string().contains("functions[0].name"));
+        let e = parse("[[functions]]\nname='a'\nhandler='x'\ncode='/definitely/missing'\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("functions[0].code"), "{e}");
+        let dup = "[[functions]]\nname='a'\nhandler='x'\ncode='/tmp'\n".repeat(2);
+        assert!(parse(&dup)
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate function"));
+        let e = parse("[agent]\ndriver='docker'\n").unwrap_err().to_string();
+        assert!(
+            e.contains("agent.driver") && e.contains("unknown driver"),
+            "{e}"
+        );
+        let e = parse("[[functions]]\nname='a'\nhandler='x'\ncode='/tmp'\n[functions.pool]\nprewarm=9\nmax_sandboxes=2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool.prewarm"), "{e}");
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sandscope.toml");
+        let c = AgentConfig::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.functions.len() >= 2);
+    }
+}

@@ -1,0 +1,236 @@
+//! Sandbox drivers: how a sandbox is started, frozen, measured and ended. The pool and
+//! the invoke path only see [`Driver`] and [`SandboxHandle`].
+
+pub mod process;
+
+use crate::config::{AgentConfig, DriverChoice, FunctionSpec};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A boxed, sendable future (drivers are used as trait objects).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a driver could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The driver cannot work on this host at all.
+    #[error("driver `{driver}` is unavailable: {reason}")]
+    Unavailable {
+        /// Driver name.
+        driver: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The guest-probe binary is missing.
+    #[error("guest-probe binary not found (looked in: {looked}); build it with scripts/build-probe or set SANDSCOPE_PROBE")]
+    ProbeMissing {
+        /// Paths tried.
+        looked: String,
+    },
+    /// Preparing the sandbox's directories failed.
+    #[error("preparing sandbox directory {path}")]
+    StateDir {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// cgroup setup or control failed.
+    #[error("cgroup operation failed")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    /// Starting the sandbox process failed.
+    #[error("starting {what}")]
+    Spawn {
+        /// What was started.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Resource usage of a sandbox as the host sees it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Usage {
+    /// Resident memory of all its processes, bytes.
+    pub rss_bytes: u64,
+    /// CPU time of all its processes (incl. reaped children), µs.
+    pub cpu_us: u64,
+    /// Processes.
+    pub processes: u32,
+}
+
+/// What a driver needs to start one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Sandbox id (also its hostname).
+    pub id: String,
+    /// The function it serves.
+    pub function: Arc<FunctionSpec>,
+    /// Host identity handed to the probe (echoed back in Hello).
+    pub host_id: String,
+}
+
+/// A started sandbox: the agent's end of the probe link plus a control handle.
+pub struct Spawned {
+    /// Connected stream to the probe.
+    pub stream: tokio::net::UnixStream,
+    /// Control handle.
+    pub handle: Box<dyn SandboxHandle>,
+    /// When the sandbox process was running (end of the spawn phase).
+    pub running_at: Instant,
+}
+
+/// Control over one live sandbox.
+pub trait SandboxHandle: Send + Sync {
+    /// Host pid of the sandbox's top process, if it has one.
+    fn pid(&self) -> Option<u32>;
+    /// Whether freeze/thaw is supported.
+    fn can_freeze(&self) -> bool;
+    /// Freeze all its processes; returns the time taken.
+    fn freeze(&self) -> BoxFuture<'_, Result<Duration, DriverError>>;
+    /// Thaw; returns the time taken.
+    fn thaw(&self) -> BoxFuture<'_, Result<Duration, DriverError>>;
+    /// Current usage.
+    fn usage(&self) -> Usage;
+    /// OOM kills so far.
+    fn oom_kills(&self) -> u64;
+    /// Whether the sandbox process has exited.
+    fn exited(&self) -> bool;
+    /// Last lines the sandbox process itself wrote (diagnostics for failed starts).
+    fn diagnostics(&self) -> String;
+    /// Kill everything and release resources. Idempotent.
+    fn destroy(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A way to run sandboxes.
+pub trait Driver: Send + Sync {
+    /// Driver name (`process`, `qemu`, `vmm-lite`).
+    fn name(&self) -> &'static str;
+    /// One line describing the isolation in use.
+    fn describe(&self) -> String;
+    /// Start a sandbox.
+    fn spawn<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Spawned, DriverError>>;
+}
+
+/// What the host offers for virtualization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmKind {
+    /// No /dev/kvm.
+    None,
+    /// /dev/kvm is PVM (kvm_pvm): standard guest kernels cannot boot.
+    Pvm,
+    /// Hardware virtualization (VT-x / AMD-V).
+    Hardware,
+}
+
+/// Look at /dev/kvm and the CPU flags.
+pub fn detect_kvm() -> KvmKind {
+    if !Path::new("/dev/kvm").exists() {
+        return KvmKind::None;
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return KvmKind::Pvm;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if hw {
+        KvmKind::Hardware
+    } else {
+        KvmKind::Pvm
+    }
+}
+
+/// Pick the driver as DESIGN §5 describes; the string says which and why.
+pub fn select(cfg: &AgentConfig) -> Result<(Arc<dyn Driver>, String), DriverError> {
+    let kvm = detect_kvm();
+    let vm_reason = match kvm {
+        KvmKind::None => "no /dev/kvm on this host".to_string(),
+        KvmKind::Pvm => {
+            "KVM here is PVM (kvm_pvm): standard guest kernels cannot boot under it".into()
+        }
+        KvmKind::Hardware => {
+            "hardware KVM is present, but this build has no microVM drivers yet".into()
+        }
+    };
+    match cfg.driver {
+        DriverChoice::VmmLite => Err(DriverError::Unavailable {
+            driver: "vmm-lite",
+            reason: format!("{vm_reason}; use --driver process"),
+        }),
+        DriverChoice::Qemu => Err(DriverError::Unavailable {
+            driver: "qemu",
+            reason: "this build has no qemu driver yet; use --driver process".into(),
+        }),
+        DriverChoice::Process => {
+            let d = process::ProcessDriver::new(cfg)?;
+            let why = format!(
+                "process driver (forced by --driver process): {}",
+                d.describe()
+            );
+            Ok((Arc::new(d), why))
+        }
+        DriverChoice::Auto => {
+            let d = process::ProcessDriver::new(cfg)?;
+            let why = format!(
+                "process driver (auto: microVMs not used because {vm_reason}): {}",
+                d.describe()
+            );
+            Ok((Arc::new(d), why))
+        }
+    }
+}
+
+/// Where to find the static guest-probe: config, `SANDSCOPE_PROBE`, then next to the
+/// running binary and in the workspace's target directories.
+pub fn find_probe(configured: Option<&Path>) -> Result<PathBuf, DriverError> {
+    let mut looked = Vec::new();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = configured {
+        candidates.push(p.to_path_buf());
+    } else {
+        if let Some(p) = std::env::var_os("SANDSCOPE_PROBE") {
+            candidates.push(PathBuf::from(p));
+        }
+        // The static build (scripts/build-probe) first, then a sibling of the running binary.
+        let exe = std::env::current_exe().ok();
+        let mut dirs: Vec<PathBuf> = exe
+            .iter()
+            .flat_map(|e| e.ancestors().skip(1).take(4))
+            .map(Path::to_path_buf)
+            .collect();
+        dirs.push(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target"),
+        );
+        for dir in &dirs {
+            for profile in ["release", "debug"] {
+                candidates.push(
+                    dir.join("x86_64-unknown-linux-gnu")
+                        .join(profile)
+                        .join("guest-probe"),
+                );
+            }
+        }
+        for dir in &dirs {
+            candidates.push(dir.join("guest-probe"));
+        }
+    }
+    for c in candidates {
+        if c.is_file() {
+            return Ok(c);
+        }
+        looked.push(c.display().to_string());
+    }
+    Err(DriverError::ProbeMissing {
+        looked: looked.join(", "),
+    })
+}

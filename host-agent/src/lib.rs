@@ -1,0 +1,24 @@
+//! sandscope's host agent: runs sandboxes through drivers, keeps warm pools, routes
+//! invocations, records per-invoke metrics, and serves the HTTP API.
+//!
+//! Layout: [`config`] (validated `sandscope.toml`), [`drivers`] (how sandboxes start and
+//! end), [`link`] (the agent's end of a probe link), [`pool`] (sandboxes and warm
+//! pools), [`agent`] (the invoke path), [`recorder`] (samples → histograms, off the
+//! invoke path), [`api`] (HTTP), plus host views from [`procfs`] and [`cgroup`].
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod api;
+pub mod cgroup;
+pub mod config;
+pub mod drivers;
+pub mod link;
+pub mod metrics;
+pub mod pool;
+pub mod procfs;
+pub mod recorder;
+pub mod util;
+
+pub use agent::{Agent, Invocation, InvokeError, InvokeOptions, Status};
+pub use config::AgentConfig;

@@ -1,0 +1,460 @@
+//! The agent's end of one probe link: handshake, a reader task that routes frames, and
+//! request/response helpers for invokes, stats and pings.
+//!
+//! A link is untrusted input. Bad frames, an oversized length or an early close end
+//! *this* link only: pending requests fail with the reason, the error is counted and
+//! logged (rate-limited), and every other sandbox keeps serving.
+
+use crate::metrics::AgentMetrics;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{broadcast, oneshot};
+use wire::frame::Body;
+use wire::{AsyncFrameReader, AsyncFrameWriter, Frame};
+
+/// Why a link operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// No Hello within the boot timeout.
+    #[error("probe did not say Hello within {0:?}")]
+    HelloTimeout(Duration),
+    /// The first frame was not a Hello.
+    #[error("probe sent `{0}` before Hello")]
+    NotHello(&'static str),
+    /// Hello from a different protocol version.
+    #[error("probe speaks protocol {got}, agent speaks {want}")]
+    Version {
+        /// Probe's version.
+        got: u32,
+        /// Ours.
+        want: u32,
+    },
+    /// Hello names another sandbox.
+    #[error("probe says it is sandbox `{got}`, expected `{want}`")]
+    WrongSandbox {
+        /// What the probe said.
+        got: String,
+        /// What we spawned.
+        want: String,
+    },
+    /// The link ended or broke.
+    #[error("probe link closed: {0}")]
+    Closed(String),
+    /// Waiting for a reply timed out.
+    #[error("no {what} from probe within {after:?}")]
+    Timeout {
+        /// What we waited for.
+        what: &'static str,
+        /// How long.
+        after: Duration,
+    },
+    /// Sending a frame failed.
+    #[error("sending {kind} to probe")]
+    Send {
+        /// Frame kind.
+        kind: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A frame was undecodable.
+    #[error("protocol error from probe")]
+    Decode(#[source] wire::DecodeError),
+}
+
+/// One function log line as the agent keeps it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogLine {
+    /// Sandbox id.
+    pub sandbox: Arc<str>,
+    /// Function name.
+    pub function: Arc<str>,
+    /// Sequence number on the link.
+    pub seq: u64,
+    /// `stdout`, `stderr` or `platform`.
+    pub stream: &'static str,
+    /// Invocation that produced it, if any.
+    pub invoke_id: String,
+    /// The text.
+    pub line: String,
+    /// Wall-clock receive time, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// Cut at the line-length limit.
+    pub truncated: bool,
+}
+
+/// How many recent lines each link keeps for the API.
+pub const RECENT_LOG_LINES: usize = 200;
+
+#[derive(Default)]
+struct Pending {
+    ready: Option<oneshot::Sender<wire::Ready>>,
+    invoke: Option<(String, oneshot::Sender<wire::InvokeResult>)>,
+    stats: Vec<oneshot::Sender<wire::Stats>>,
+    ping: Option<(u64, oneshot::Sender<wire::Pong>)>,
+}
+
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The agent's end of a probe link.
+pub struct Link {
+    sandbox: Arc<str>,
+    function: Arc<str>,
+    writer: tokio::sync::Mutex<AsyncFrameWriter<Writer>>,
+    pending: Mutex<Pending>,
+    alive: AtomicBool,
+    closed_reason: Mutex<Option<String>>,
+    recent: Mutex<VecDeque<LogLine>>,
+    last_seq: AtomicU64,
+    nonce: AtomicU64,
+    metrics: Arc<AgentMetrics>,
+    logs: broadcast::Sender<LogLine>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("sandbox", &self.sandbox)
+            .field("alive", &self.is_alive())
+            .finish()
+    }
+}
+
+/// What the handshake learned.
+#[derive(Debug)]
+pub struct Handshake {
+    /// The link.
+    pub link: Arc<Link>,
+    /// The probe's Hello.
+    pub hello: wire::Hello,
+    /// When the Hello arrived.
+    pub hello_at: Instant,
+    /// Resolves with the probe's Ready.
+    pub ready: oneshot::Receiver<wire::Ready>,
+}
+
+impl Link {
+    /// Read the Hello (within `timeout`), validate it, and start the reader task.
+    pub async fn handshake<S>(
+        stream: S,
+        sandbox: &str,
+        function: &str,
+        timeout: Duration,
+        metrics: Arc<AgentMetrics>,
+        logs: broadcast::Sender<LogLine>,
+    ) -> Result<Handshake, LinkError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        let mut reader = AsyncFrameReader::new(r);
+        let first = match tokio::time::timeout(timeout, reader.next()).await {
+            Err(_) => return Err(LinkError::HelloTimeout(timeout)),
+            Ok(Err(e)) => {
+                metrics.link_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(LinkError::Decode(e));
+            }
+            Ok(Ok(None)) => return Err(LinkError::Closed("probe exited before Hello".into())),
+            Ok(Ok(Some(f))) => f,
+        };
+        let hello_at = Instant::now();
+        let hello = match first.body {
+            Some(Body::Hello(h)) => h,
+            _ => {
+                metrics.link_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(LinkError::NotHello(first.kind()));
+            }
+        };
+        if hello.protocol_version != wire::PROTOCOL_VERSION {
+            return Err(LinkError::Version {
+                got: hello.protocol_version,
+                want: wire::PROTOCOL_VERSION,
+            });
+        }
+        if hello.sandbox_id != sandbox {
+            return Err(LinkError::WrongSandbox {
+                got: hello.sandbox_id,
+                want: sandbox.into(),
+            });
+        }
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let link = Arc::new(Link {
+            sandbox: sandbox.into(),
+            function: function.into(),
+            writer: tokio::sync::Mutex::new(AsyncFrameWriter::new(Box::new(w) as Writer)),
+            pending: Mutex::new(Pending {
+                ready: Some(ready_tx),
+                ..Default::default()
+            }),
+            alive: AtomicBool::new(true),
+            closed_reason: Mutex::new(None),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_LOG_LINES)),
+            last_seq: AtomicU64::new(0),
+            nonce: AtomicU64::new(1),
+            metrics,
+            logs,
+        });
+        let l2 = link.clone();
+        tokio::spawn(async move { l2.read_loop(reader).await });
+        Ok(Handshake {
+            link,
+            hello,
+            hello_at,
+            ready: ready_rx,
+        })
+    }
+
+    async fn read_loop<R: AsyncRead + Unpin>(self: Arc<Self>, mut reader: AsyncFrameReader<R>) {
+        let reason = loop {
+            match reader.next().await {
+                Ok(Some(f)) => Self::route(&self, f),
+                Ok(None) => break "probe closed the link".to_string(),
+                Err(e) => {
+                    self.metrics.link_errors.fetch_add(1, Ordering::Relaxed);
+                    let (log, suppressed) = self.metrics.link_error_log.allow();
+                    if log {
+                        tracing::warn!(sandbox = %self.sandbox, error = %e, suppressed,
+                            "protocol error on probe link; closing it");
+                    }
+                    break format!("protocol error: {e}");
+                }
+            }
+        };
+        self.close(reason);
+    }
+
+    fn close(&self, reason: String) {
+        self.alive.store(false, Ordering::Release);
+        self.closed_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
+        // Dropping the senders wakes every waiter with an error.
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Pending::default();
+    }
+
+    fn route(this: &Arc<Self>, f: Frame) {
+        let Some(body) = f.body else { return };
+        if let Body::Ping(ping) = body {
+            // Answer from a task: the reader must never wait on the writer.
+            let link = this.clone();
+            tokio::spawn(async move {
+                let _ = link
+                    .send(
+                        wire::Pong {
+                            nonce: ping.nonce,
+                            since_init_ns: 0,
+                        }
+                        .into(),
+                    )
+                    .await;
+            });
+            return;
+        }
+        this.route_body(body);
+    }
+
+    fn route_body(&self, body: Body) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match body {
+            Body::Ready(r) => {
+                if let Some(tx) = p.ready.take() {
+                    let _ = tx.send(r);
+                }
+            }
+            Body::InvokeResult(r) => match p.invoke.take() {
+                Some((id, tx)) if id == r.invoke_id => {
+                    let _ = tx.send(r);
+                }
+                other => {
+                    p.invoke = other;
+                    self.metrics
+                        .unexpected_frames
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Body::Stats(s) => {
+                for tx in p.stats.drain(..) {
+                    let _ = tx.send(s.clone());
+                }
+            }
+            Body::Pong(pong) => match p.ping.take() {
+                Some((n, tx)) if n == pong.nonce => {
+                    let _ = tx.send(pong);
+                }
+                other => p.ping = other,
+            },
+            Body::Log(l) => {
+                drop(p);
+                self.on_log(l);
+            }
+            Body::Ping(_)
+            | Body::Hello(_)
+            | Body::Invoke(_)
+            | Body::StatsRequest(_)
+            | Body::Shutdown(_) => {
+                self.metrics
+                    .unexpected_frames
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn on_log(&self, l: wire::Log) {
+        let prev = self.last_seq.swap(l.seq, Ordering::AcqRel);
+        if l.seq > prev + 1 {
+            self.metrics
+                .log_lines_lost
+                .fetch_add(l.seq - prev - 1, Ordering::Relaxed);
+        }
+        let stream = match l.stream() {
+            wire::LogStream::Stdout => "stdout",
+            wire::LogStream::Stderr => "stderr",
+            wire::LogStream::Platform => "platform",
+            wire::LogStream::Unspecified => "unknown",
+        };
+        let line = LogLine {
+            sandbox: self.sandbox.clone(),
+            function: self.function.clone(),
+            seq: l.seq,
+            stream,
+            invoke_id: l.invoke_id,
+            line: l.line,
+            ts_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            truncated: l.truncated,
+        };
+        self.metrics.log_lines.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if r.len() == RECENT_LOG_LINES {
+                r.pop_front();
+            }
+            r.push_back(line.clone());
+        }
+        // No receivers is fine; lagging receivers count their own losses.
+        let _ = self.logs.send(line);
+    }
+
+    /// Whether the link is still up.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Why the link closed, if it did.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.closed_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sequence number of the last log line received.
+    pub fn last_log_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    /// The most recent log lines, oldest first.
+    pub fn recent_logs(&self) -> Vec<LogLine> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn closed_err(&self) -> LinkError {
+        LinkError::Closed(self.closed_reason().unwrap_or_else(|| "link closed".into()))
+    }
+
+    async fn send(&self, frame: Frame) -> Result<(), LinkError> {
+        if !self.is_alive() {
+            return Err(self.closed_err());
+        }
+        let kind = frame.kind();
+        let mut w = self.writer.lock().await;
+        w.send(&frame)
+            .await
+            .map_err(|source| LinkError::Send { kind, source })
+    }
+
+    /// Send an Invoke and wait (up to `wait`) for its result.
+    pub async fn invoke(
+        &self,
+        inv: wire::Invoke,
+        wait: Duration,
+    ) -> Result<wire::InvokeResult, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.is_alive() {
+                return Err(self.closed_err());
+            }
+            p.invoke = Some((inv.invoke_id.clone(), tx));
+        }
+        self.send(inv.into()).await?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(self.closed_err()),
+            Err(_) => Err(LinkError::Timeout {
+                what: "invoke result",
+                after: wait,
+            }),
+        }
+    }
+
+    /// Ask the probe for its Stats.
+    pub async fn stats(&self, wait: Duration) -> Result<wire::Stats, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats
+            .push(tx);
+        self.send(wire::StatsRequest {}.into()).await?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(_)) => Err(self.closed_err()),
+            Err(_) => Err(LinkError::Timeout {
+                what: "stats",
+                after: wait,
+            }),
+        }
+    }
+
+    /// Round-trip a Ping; returns the RTT and the probe's clock reading.
+    pub async fn ping(&self, wait: Duration) -> Result<(Duration, u64), LinkError> {
+        let nonce = self.nonce.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).ping = Some((nonce, tx));
+        let t0 = Instant::now();
+        self.send(wire::Ping { nonce }.into()).await?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(p)) => Ok((t0.elapsed(), p.since_init_ns)),
+            Ok(Err(_)) => Err(self.closed_err()),
+            Err(_) => Err(LinkError::Timeout {
+                what: "pong",
+                after: wait,
+            }),
+        }
+    }
+
+    /// Ask the probe to end the sandbox. Best effort.
+    pub async fn shutdown(&self, reason: &str, grace: Duration) {
+        let _ = self
+            .send(
+                wire::Shutdown {
+                    reason: reason.into(),
+                    grace_ms: grace.as_millis().min(60_000) as u32,
+                }
+                .into(),
+            )
+            .await;
+    }
+}

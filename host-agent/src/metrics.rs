@@ -1,0 +1,57 @@
+//! The agent's own counters: what it saw go wrong and what it had to drop.
+
+use crate::util::RateLimit;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Counters describing the agent itself (exported next to function metrics).
+#[derive(Debug)]
+pub struct AgentMetrics {
+    /// Probe links closed for a protocol error.
+    pub link_errors: AtomicU64,
+    /// Frames that arrived where they make no sense (ignored).
+    pub unexpected_frames: AtomicU64,
+    /// Log lines received.
+    pub log_lines: AtomicU64,
+    /// Log lines the probe numbered but that never arrived (sequence gaps).
+    pub log_lines_lost: AtomicU64,
+    /// Sandboxes that failed to start.
+    pub spawn_failures: AtomicU64,
+    /// Sandboxes started.
+    pub sandboxes_started: AtomicU64,
+    /// Sandboxes ended (reaped, replaced, died).
+    pub sandboxes_ended: AtomicU64,
+    /// Rate limit for link error logging.
+    pub link_error_log: RateLimit,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            link_errors: AtomicU64::new(0),
+            unexpected_frames: AtomicU64::new(0),
+            log_lines: AtomicU64::new(0),
+            log_lines_lost: AtomicU64::new(0),
+            spawn_failures: AtomicU64::new(0),
+            sandboxes_started: AtomicU64::new(0),
+            sandboxes_ended: AtomicU64::new(0),
+            link_error_log: RateLimit::new(Duration::from_secs(10), 5),
+        }
+    }
+}
+
+impl AgentMetrics {
+    /// A JSON view.
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "link_errors": g(&self.link_errors),
+            "unexpected_frames": g(&self.unexpected_frames),
+            "log_lines": g(&self.log_lines),
+            "log_lines_lost": g(&self.log_lines_lost),
+            "spawn_failures": g(&self.spawn_failures),
+            "sandboxes_started": g(&self.sandboxes_started),
+            "sandboxes_ended": g(&self.sandboxes_ended),
+        })
+    }
+}

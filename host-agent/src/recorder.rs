@@ -1,0 +1,517 @@
+//! Per-invoke samples → histograms, off the invoke path.
+//!
+//! The invoke path calls [`Recorder::record`]: one push onto a fixed-capacity lock-free
+//! queue, no lock, no allocation; a full queue counts a drop instead of waiting. One
+//! aggregator task owns every hdrhistogram, drains the queue on a short tick, and builds
+//! [`StatsSnapshot`]s on request (draining first, so a snapshot taken after an invoke
+//! returned includes it).
+
+use crossbeam_queue::ArrayQueue;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Cold-start and invoke phases, in timeline order (DESIGN §3).
+pub const PHASES: [&str; 8] = [
+    "queue",
+    "thaw",
+    "spawn",
+    "vmm_setup",
+    "kernel",
+    "probe_init",
+    "runtime_init",
+    "invoke",
+];
+
+/// Index of a phase in [`PHASES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Phase {
+    /// Waiting for capacity.
+    Queue = 0,
+    /// Thawing a frozen sandbox.
+    Thaw = 1,
+    /// Driver called → sandbox process running.
+    Spawn = 2,
+    /// VMM start → first KVM_RUN (VM drivers).
+    VmmSetup = 3,
+    /// First KVM_RUN → guest init (VM drivers).
+    Kernel = 4,
+    /// Init start → Hello.
+    ProbeInit = 5,
+    /// Hello → runtime ready.
+    RuntimeInit = 6,
+    /// Invoke sent → result received.
+    Invoke = 7,
+}
+
+/// Marks a phase that did not happen in this invocation.
+pub const NO_PHASE: u64 = u64::MAX;
+
+/// How an invocation ended, for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Success.
+    Ok,
+    /// The function failed.
+    FunctionError,
+    /// Deadline exceeded.
+    Timeout,
+    /// Killed by the OOM killer at the memory limit.
+    OutOfMemory,
+    /// The sandbox could not be started or the link broke.
+    PlatformError,
+    /// Rejected for lack of capacity.
+    Throttled,
+}
+
+/// One invocation's figures. `Copy`, fixed size: recording it allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Function index in the agent's registry.
+    pub function: u32,
+    /// A new sandbox was started for this invocation.
+    pub cold: bool,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// Request received → response ready, µs.
+    pub total_us: u64,
+    /// Per-phase µs, [`NO_PHASE`] when not applicable.
+    pub phases_us: [u64; PHASES.len()],
+    /// Handler peak RSS, KiB.
+    pub max_rss_kib: u64,
+    /// Handler CPU, µs.
+    pub cpu_us: u64,
+}
+
+impl Sample {
+    /// A sample with no phases set.
+    pub fn new(function: u32, cold: bool, outcome: Outcome) -> Self {
+        Self {
+            function,
+            cold,
+            outcome,
+            total_us: 0,
+            phases_us: [NO_PHASE; PHASES.len()],
+            max_rss_kib: 0,
+            cpu_us: 0,
+        }
+    }
+
+    /// Set a phase duration.
+    pub fn set(&mut self, p: Phase, d: Duration) {
+        self.phases_us[p as usize] = crate::util::us(d);
+    }
+
+    /// Init duration (spawn through runtime_init), µs, when cold.
+    pub fn init_us(&self) -> Option<u64> {
+        if !self.cold {
+            return None;
+        }
+        let s: u64 = [
+            Phase::Spawn,
+            Phase::VmmSetup,
+            Phase::Kernel,
+            Phase::ProbeInit,
+            Phase::RuntimeInit,
+        ]
+        .iter()
+        .map(|p| self.phases_us[*p as usize])
+        .filter(|v| *v != NO_PHASE)
+        .sum();
+        Some(s)
+    }
+}
+
+/// The invoke-path side: a bounded lock-free queue and a drop counter.
+#[derive(Debug)]
+pub struct Recorder {
+    queue: ArrayQueue<Sample>,
+    dropped: AtomicU64,
+    recorded: AtomicU64,
+}
+
+impl Recorder {
+    /// A recorder holding at most `capacity` undrained samples.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            queue: ArrayQueue::new(capacity.max(1)),
+            dropped: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
+        }
+    }
+
+    /// Record a sample; never blocks, never allocates. A full queue counts a drop.
+    #[inline]
+    pub fn record(&self, s: Sample) {
+        if self.queue.push(s).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.recorded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Samples dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Take one queued sample (aggregator side).
+    pub fn pop(&self) -> Option<Sample> {
+        self.queue.pop()
+    }
+}
+
+/// Percentile summary of one distribution, µs.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Dist {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest.
+    pub max_us: u64,
+    /// Mean.
+    pub mean_us: u64,
+}
+
+fn dist(h: &Histogram<u64>) -> Dist {
+    if h.is_empty() {
+        return Dist::default();
+    }
+    Dist {
+        count: h.len(),
+        p50_us: h.value_at_quantile(0.50),
+        p90_us: h.value_at_quantile(0.90),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+        mean_us: h.mean() as u64,
+    }
+}
+
+/// One function's figures in a snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionStats {
+    /// Function name.
+    pub name: String,
+    /// Invocations (all outcomes but throttles).
+    pub invocations: u64,
+    /// Cold starts.
+    pub coldstarts: u64,
+    /// Function errors (incl. timeouts and OOM kills).
+    pub errors: u64,
+    /// Timeouts.
+    pub timeouts: u64,
+    /// OOM kills.
+    pub oom_kills: u64,
+    /// Platform errors (sandbox failed to start, link broke).
+    pub platform_errors: u64,
+    /// Throttled requests.
+    pub throttles: u64,
+    /// Warm invocation latency.
+    pub warm: Dist,
+    /// Cold invocation latency.
+    pub cold: Dist,
+    /// Init duration of cold starts.
+    pub init: Dist,
+    /// Per-phase distributions (only phases that occurred).
+    pub phases: BTreeMap<&'static str, Dist>,
+    /// Handler peak RSS per invocation, KiB (as `*_us` fields).
+    pub max_rss_kib: Dist,
+    /// The latest cold start's phases, µs.
+    pub last_cold_start: BTreeMap<&'static str, u64>,
+}
+
+/// What `/v1/stats` returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsSnapshot {
+    /// Per function.
+    pub functions: Vec<FunctionStats>,
+    /// Telemetry losses.
+    pub telemetry: Telemetry,
+}
+
+/// Telemetry losses.
+#[derive(Debug, Clone, Serialize)]
+pub struct Telemetry {
+    /// Dropped items by signal.
+    pub dropped: BTreeMap<&'static str, u64>,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid")
+}
+
+struct FnAgg {
+    name: String,
+    invocations: u64,
+    coldstarts: u64,
+    errors: u64,
+    timeouts: u64,
+    oom: u64,
+    platform: u64,
+    throttles: u64,
+    warm: Histogram<u64>,
+    cold: Histogram<u64>,
+    init: Histogram<u64>,
+    phases: Vec<Histogram<u64>>,
+    rss: Histogram<u64>,
+    last_cold: Option<[u64; PHASES.len()]>,
+}
+
+impl FnAgg {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            invocations: 0,
+            coldstarts: 0,
+            errors: 0,
+            timeouts: 0,
+            oom: 0,
+            platform: 0,
+            throttles: 0,
+            warm: hist(),
+            cold: hist(),
+            init: hist(),
+            phases: (0..PHASES.len()).map(|_| hist()).collect(),
+            rss: hist(),
+            last_cold: None,
+        }
+    }
+
+    fn add(&mut self, s: &Sample) {
+        if s.outcome == Outcome::Throttled {
+            self.throttles += 1;
+            return;
+        }
+        self.invocations += 1;
+        match s.outcome {
+            Outcome::FunctionError => self.errors += 1,
+            Outcome::Timeout => {
+                self.errors += 1;
+                self.timeouts += 1
+            }
+            Outcome::OutOfMemory => {
+                self.errors += 1;
+                self.oom += 1
+            }
+            Outcome::PlatformError => self.platform += 1,
+            Outcome::Ok | Outcome::Throttled => {}
+        }
+        let total = s.total_us.max(1);
+        if s.cold {
+            self.coldstarts += 1;
+            self.cold.saturating_record(total);
+            if let Some(i) = s.init_us() {
+                self.init.saturating_record(i.max(1));
+            }
+            self.last_cold = Some(s.phases_us);
+        } else {
+            self.warm.saturating_record(total);
+        }
+        for (i, v) in s.phases_us.iter().enumerate() {
+            if *v != NO_PHASE {
+                self.phases[i].saturating_record((*v).max(1));
+            }
+        }
+        if s.max_rss_kib > 0 {
+            self.rss.saturating_record(s.max_rss_kib);
+        }
+    }
+
+    fn stats(&self) -> FunctionStats {
+        FunctionStats {
+            name: self.name.clone(),
+            invocations: self.invocations,
+            coldstarts: self.coldstarts,
+            errors: self.errors,
+            timeouts: self.timeouts,
+            oom_kills: self.oom,
+            platform_errors: self.platform,
+            throttles: self.throttles,
+            warm: dist(&self.warm),
+            cold: dist(&self.cold),
+            init: dist(&self.init),
+            phases: PHASES
+                .iter()
+                .zip(&self.phases)
+                .filter(|(_, h)| !h.is_empty())
+                .map(|(n, h)| (*n, dist(h)))
+                .collect(),
+            max_rss_kib: dist(&self.rss),
+            last_cold_start: self
+                .last_cold
+                .map(|p| {
+                    PHASES
+                        .iter()
+                        .zip(p)
+                        .filter(|(_, v)| *v != NO_PHASE)
+                        .map(|(n, v)| (*n, v))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Owns the histograms. Run [`Aggregator::run`] in one task.
+pub struct Aggregator {
+    recorder: Arc<Recorder>,
+    fns: Vec<FnAgg>,
+}
+
+/// Extra drop counters merged into snapshots (e.g. log lines lost on links).
+pub type DropSource = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
+/// Asks the aggregator for a fresh snapshot.
+#[derive(Clone, Debug)]
+pub struct SnapshotHandle {
+    tx: mpsc::Sender<oneshot::Sender<StatsSnapshot>>,
+}
+
+impl SnapshotHandle {
+    /// A snapshot including every sample recorded before this call.
+    pub async fn snapshot(&self) -> Option<StatsSnapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+impl Aggregator {
+    /// An aggregator for functions named `names` (indexes are sample function ids).
+    pub fn new(recorder: Arc<Recorder>, names: Vec<String>) -> Self {
+        Self {
+            recorder,
+            fns: names.into_iter().map(FnAgg::new).collect(),
+        }
+    }
+
+    /// Drain the queue into the histograms.
+    pub fn drain(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(s) = self.recorder.pop() {
+            if let Some(f) = self.fns.get_mut(s.function as usize) {
+                f.add(&s);
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Build a snapshot of what has been drained.
+    pub fn snapshot(&self, extra_drops: &[(&'static str, u64)]) -> StatsSnapshot {
+        let mut dropped = BTreeMap::new();
+        dropped.insert("samples", self.recorder.dropped());
+        for (k, v) in extra_drops {
+            dropped.insert(*k, *v);
+        }
+        StatsSnapshot {
+            functions: self.fns.iter().map(FnAgg::stats).collect(),
+            telemetry: Telemetry { dropped },
+        }
+    }
+
+    /// Spawn the aggregator task; returns the handle used to request snapshots.
+    pub fn spawn(mut self, drops: DropSource) -> SnapshotHandle {
+        let (tx, mut rx) = mpsc::channel::<oneshot::Sender<StatsSnapshot>>(64);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { self.drain(); }
+                    req = rx.recv() => match req {
+                        Some(reply) => {
+                            self.drain();
+                            let _ = reply.send(self.snapshot(&drops()));
+                        }
+                        None => break,
+                    }
+                }
+            }
+        });
+        SnapshotHandle { tx }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(f: u32, cold: bool, outcome: Outcome, total: u64) -> Sample {
+        let mut s = Sample::new(f, cold, outcome);
+        s.total_us = total;
+        s.phases_us[Phase::Invoke as usize] = total / 2;
+        if cold {
+            s.phases_us[Phase::Spawn as usize] = 100;
+            s.phases_us[Phase::ProbeInit as usize] = 200;
+            s.phases_us[Phase::RuntimeInit as usize] = 50;
+        }
+        s
+    }
+
+    #[test]
+    fn counts_and_splits_warm_cold() {
+        let r = Arc::new(Recorder::new(1024));
+        let mut a = Aggregator::new(r.clone(), vec!["a".into(), "b".into()]);
+        r.record(sample(0, true, Outcome::Ok, 5000));
+        for i in 0..99 {
+            r.record(sample(0, false, Outcome::Ok, 100 + i));
+        }
+        r.record(sample(0, false, Outcome::Timeout, 3_000_000));
+        r.record(sample(0, false, Outcome::OutOfMemory, 1000));
+        r.record(sample(1, false, Outcome::Throttled, 1));
+        r.record(sample(7, false, Outcome::Ok, 1)); // unknown function: ignored
+        assert_eq!(a.drain(), 104);
+        let s = a.snapshot(&[("log_lines", 3)]);
+        let f = &s.functions[0];
+        assert_eq!(f.invocations, 102);
+        assert_eq!(f.coldstarts, 1);
+        assert_eq!(f.errors, 2);
+        assert_eq!(f.timeouts, 1);
+        assert_eq!(f.oom_kills, 1);
+        assert_eq!(f.warm.count, 101);
+        assert_eq!(f.cold.count, 1);
+        assert_eq!(f.init.count, 1);
+        assert!((349..=351).contains(&f.init.p50_us), "{}", f.init.p50_us);
+        assert!((140..=152).contains(&f.warm.p50_us), "{}", f.warm.p50_us);
+        assert!(f.warm.max_us >= 2_990_000);
+        assert_eq!(f.last_cold_start.get("spawn"), Some(&100));
+        assert!(!f.phases.contains_key("thaw"));
+        assert_eq!(s.functions[1].throttles, 1);
+        assert_eq!(s.functions[1].invocations, 0);
+        assert_eq!(s.telemetry.dropped["log_lines"], 3);
+        assert_eq!(s.telemetry.dropped["samples"], 0);
+    }
+
+    #[test]
+    fn full_queue_counts_drops_instead_of_blocking() {
+        let r = Recorder::new(4);
+        for _ in 0..10 {
+            r.record(sample(0, false, Outcome::Ok, 1));
+        }
+        assert_eq!(r.dropped(), 6);
+    }
+
+    #[tokio::test]
+    async fn snapshot_includes_samples_recorded_before_the_request() {
+        let r = Arc::new(Recorder::new(1024));
+        let h = Aggregator::new(r.clone(), vec!["f".into()]).spawn(Arc::new(Vec::new));
+        r.record(sample(0, false, Outcome::Ok, 10));
+        let s = h.snapshot().await.unwrap();
+        assert_eq!(s.functions[0].invocations, 1);
+    }
+}

@@ -1,0 +1,222 @@
+//! `sandscope`: the one user-facing binary.
+
+mod client;
+mod demo;
+mod embedded;
+mod render;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use host_agent::config::{AgentConfig, DriverChoice};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Observability for function sandboxes: why was that invocation cold, where did the
+/// time go, and what is on this host right now.
+#[derive(Parser, Debug)]
+#[command(name = "sandscope", version, about, long_about = None)]
+#[command(
+    after_help = "First run: `sandscope demo` (as root) starts an agent with example \
+functions, drives cold and warm invocations and prints what it saw."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run an agent with example functions, drive a workload, print a report, exit.
+    Demo(DemoArgs),
+    /// Run the agent: sandboxes, pools, the Invoke API and /v1 JSON views.
+    Agent(AgentArgs),
+    /// Invoke a function through an agent (Lambda Invoke API).
+    Invoke(InvokeArgs),
+    /// Per-function invocation statistics: warm vs cold percentiles and phases.
+    Stats(ViewArgs),
+    /// Live sandboxes with the probe's report, and host packing.
+    Sandboxes(ViewArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Sandbox driver: auto picks the best this host can run and says why.
+    #[arg(long, default_value = "auto", value_parser = parse_driver)]
+    driver: DriverChoice,
+    /// Print one JSON document instead of the text report.
+    #[arg(long)]
+    json: bool,
+    /// Warm invocations per function in the steady phase.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    warm: u32,
+    /// Concurrency of the burst phase (forces extra cold starts).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    burst: u32,
+    /// Use this config instead of the embedded example functions.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// guest-probe binary (default: found next to sandscope or in target/).
+    #[arg(long, env = "SANDSCOPE_PROBE")]
+    probe: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// Configuration file (default: the embedded example functions).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// HTTP listen address (overrides the config).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// Sandbox driver (overrides the config).
+    #[arg(long, value_parser = parse_driver)]
+    driver: Option<DriverChoice>,
+    /// guest-probe binary.
+    #[arg(long, env = "SANDSCOPE_PROBE")]
+    probe: Option<PathBuf>,
+    /// Directory for sandbox runtime state.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct InvokeArgs {
+    /// Function name.
+    name: String,
+    /// Event payload (JSON).
+    #[arg(long, default_value = "{}")]
+    payload: String,
+    /// Number of invocations.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
+    /// Invocations in flight at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    concurrency: u64,
+    /// Agent URL.
+    #[arg(long, env = "SANDSCOPE_AGENT", default_value = client::DEFAULT_AGENT)]
+    agent: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct ViewArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Agent URL.
+    #[arg(long, env = "SANDSCOPE_AGENT", default_value = client::DEFAULT_AGENT)]
+    agent: String,
+}
+
+fn parse_driver(s: &str) -> Result<DriverChoice, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SANDSCOPE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandscope: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sandscope: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Agent(a) => run_agent(a).await,
+        Cmd::Invoke(a) => {
+            client::invoke(&a.agent, &a.name, &a.payload, a.count, a.concurrency).await
+        }
+        Cmd::Stats(a) => client::stats(&a.agent, a.json).await,
+        Cmd::Sandboxes(a) => client::sandboxes(&a.agent, a.json).await,
+    }
+}
+
+/// Load the config (or the embedded defaults) and apply command-line overrides.
+fn load_config(
+    config: Option<&PathBuf>,
+    state_dir: Option<PathBuf>,
+    probe: Option<PathBuf>,
+    driver: Option<DriverChoice>,
+    http: Option<SocketAddr>,
+) -> Result<AgentConfig> {
+    let mut cfg = match config {
+        Some(p) => AgentConfig::load(p)?,
+        None => {
+            let state = state_dir
+                .clone()
+                .unwrap_or_else(host_agent::config::default_state_dir);
+            embedded::config(&state).context("preparing the embedded example functions")?
+        }
+    };
+    if let Some(s) = state_dir {
+        cfg.state_dir = s;
+    }
+    if probe.is_some() {
+        cfg.probe = probe;
+    }
+    if let Some(d) = driver {
+        cfg.driver = d;
+    }
+    if let Some(h) = http {
+        cfg.http = h;
+    }
+    Ok(cfg)
+}
+
+async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
+    let cfg = load_config(a.config.as_ref(), a.state_dir, a.probe, a.driver, a.http)?;
+    let addr = cfg.http;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let agent = host_agent::Agent::start(cfg).await?;
+    let (driver, why) = agent.driver();
+    eprintln!("sandscope agent: driver {driver}: {why}");
+    eprintln!(
+        "sandscope agent: listening on http://{}",
+        listener.local_addr()?
+    );
+    for f in agent.functions_view() {
+        eprintln!(
+            "  function {:<16} {:<10} {} MiB, timeout {:.1}s, up to {} sandboxes",
+            f.spec.name,
+            f.spec.kind.as_str(),
+            f.spec.memory_mb,
+            f.spec.timeout.as_secs_f64(),
+            f.spec.pool.max_sandboxes
+        );
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    host_agent::api::serve(agent.clone(), listener, shutdown).await?;
+    eprintln!("sandscope agent: shutting down, ending sandboxes");
+    agent.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
