@@ -279,17 +279,14 @@ fn pivot_into(root: &Path) -> Result<(), SetupError> {
     let old = root.join(".oldroot");
     mkdir_p(&old)?;
     std::env::set_current_dir(root).map_err(|s| e("chdir to new root", s))?;
-    let dot = CString::new(".").expect("no NUL");
-    let old_rel = CString::new(".oldroot").expect("no NUL");
     // SAFETY: both arguments are NUL-terminated strings valid for the call.
-    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), old_rel.as_ptr()) };
+    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".oldroot".as_ptr()) };
     if rc != 0 {
         return Err(e("pivot_root", std::io::Error::last_os_error()));
     }
     std::env::set_current_dir("/").map_err(|s| e("chdir /", s))?;
-    let old_abs = CString::new("/.oldroot").expect("no NUL");
     // SAFETY: NUL-terminated path valid for the call.
-    if unsafe { libc::umount2(old_abs.as_ptr(), libc::MNT_DETACH) } != 0 {
+    if unsafe { libc::umount2(c"/.oldroot".as_ptr(), libc::MNT_DETACH) } != 0 {
         return Err(e("detach old root", std::io::Error::last_os_error()));
     }
     std::fs::remove_dir("/.oldroot").map_err(|s| e("remove old root dir", s))?;

@@ -581,15 +581,12 @@ impl Agent {
             Ok(r) => {
                 sample.max_rss_kib = r.max_rss_kib;
                 sample.cpu_us = r.cpu_user_us + r.cpu_system_us;
-                match r.status() {
-                    wire::InvokeStatus::Ok => (Status::Ok, r.payload, String::new(), String::new(), true),
-                    wire::InvokeStatus::FunctionError => {
-                        (Status::FunctionError, r.payload, r.error_type, r.error_message, true)
-                    }
-                    wire::InvokeStatus::Timeout => {
-                        (Status::Timeout, r.payload, "Sandbox.Timedout".into(), timeout_message(timeout), false)
-                    }
-                    wire::InvokeStatus::Killed if sb.handle.oom_kills() > oom_before => (
+                let status = r.status();
+                let oom = status != wire::InvokeStatus::Ok && sb.handle.oom_kills() > oom_before;
+                match status {
+                    // The OOM killer may hit the handler or one of its children; either way the
+                    // cgroup's counter moved during this invocation.
+                    _ if oom => (
                         Status::OutOfMemory,
                         r.payload,
                         "Runtime.OutOfMemory".into(),
@@ -599,6 +596,13 @@ impl Agent {
                         ),
                         false,
                     ),
+                    wire::InvokeStatus::Ok => (Status::Ok, r.payload, String::new(), String::new(), true),
+                    wire::InvokeStatus::FunctionError => {
+                        (Status::FunctionError, r.payload, r.error_type, r.error_message, true)
+                    }
+                    wire::InvokeStatus::Timeout => {
+                        (Status::Timeout, r.payload, "Sandbox.Timedout".into(), timeout_message(timeout), false)
+                    }
                     wire::InvokeStatus::Killed => {
                         (Status::FunctionError, r.payload, r.error_type, r.error_message, false)
                     }

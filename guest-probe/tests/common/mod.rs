@@ -21,7 +21,10 @@ pub struct Probe {
 pub fn spawn(args: &[&str], unshare_flags: i32) -> Probe {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-probe"));
+    // GUEST_PROBE_BIN runs the suite against another build (e.g. scripts/build-probe's).
+    let bin = std::env::var("GUEST_PROBE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_guest-probe").to_string());
+    let mut cmd = Command::new(bin);
     cmd.args([
         "--sandbox-id",
         "sb-test",

@@ -1,0 +1,182 @@
+//! Test infrastructure: write functions to a temp dir, start a real agent with the
+//! process driver and its HTTP API, invoke through it.
+
+#![allow(dead_code)]
+
+use host_agent::config::AgentConfig;
+use host_agent::Agent;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Whether the sandbox tests can run (namespaces + cgroups need root).
+pub fn can_run() -> bool {
+    if host_agent::util::is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED: process-driver tests need root (namespaces and cgroups)");
+    false
+}
+
+/// A running agent with its HTTP address.
+pub struct TestAgent {
+    pub agent: Arc<Agent>,
+    pub url: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// One function for [`start`]: name, script body, extra TOML lines.
+pub struct Func<'a> {
+    pub name: &'a str,
+    pub script: &'a str,
+    pub extra: &'a str,
+}
+
+pub fn func<'a>(name: &'a str, script: &'a str, extra: &'a str) -> Func<'a> {
+    Func {
+        name,
+        script,
+        extra,
+    }
+}
+
+/// Write the functions and a config, start an agent.
+pub async fn start(funcs: &[Func<'_>], agent_extra: &str) -> TestAgent {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), funcs, agent_extra);
+    let cfg = AgentConfig::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let agent = Agent::start(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(host_agent::api::serve(agent.clone(), listener, async {
+        let _ = rx.await;
+    }));
+    TestAgent {
+        agent,
+        url,
+        http: reqwest::Client::new(),
+        _dir: dir,
+        stop: Some(tx),
+    }
+}
+
+pub fn write_config(dir: &Path, funcs: &[Func<'_>], agent_extra: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let mut toml = format!(
+        "[agent]\nstate_dir = \"{}\"\nboot_timeout_s = 20\n{agent_extra}\n",
+        dir.join("state").display()
+    );
+    for f in funcs {
+        let code = dir.join("code").join(f.name);
+        std::fs::create_dir_all(&code).unwrap();
+        let h = code.join("handler.sh");
+        std::fs::write(&h, format!("#!/bin/sh\n{}\n", f.script)).unwrap();
+        std::fs::set_permissions(&h, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(code.join("data.txt"), "code-dir-marker\n").unwrap();
+        toml.push_str(&format!(
+            "\n[[functions]]\nname = \"{}\"\nhandler = \"./handler.sh\"\ncode = \"code/{}\"\n{}\n",
+            f.name, f.name, f.extra
+        ));
+    }
+    let p = dir.join("sandscope.toml");
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+/// A parsed invocation response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub cold: bool,
+    pub sandbox: String,
+    pub function_error: Option<String>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+impl TestAgent {
+    pub async fn invoke(&self, name: &str, payload: &str) -> Resp {
+        let r = self
+            .http
+            .post(format!(
+                "{}/2015-03-31/functions/{name}/invocations",
+                self.url
+            ))
+            .body(payload.to_string())
+            .send()
+            .await
+            .unwrap();
+        let h = |k: &str| {
+            r.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let status = r.status().as_u16();
+        let cold = h("x-sandscope-coldstart").as_deref() == Some("true");
+        let sandbox = h("x-sandscope-sandbox-id").unwrap_or_default();
+        let function_error = h("x-amz-function-error");
+        let body = r.text().await.unwrap();
+        Resp {
+            status,
+            cold,
+            sandbox,
+            function_error,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn sandbox(&self, id: &str) -> Option<serde_json::Value> {
+        let v = self.get("/v1/sandboxes").await;
+        v["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .cloned()
+    }
+
+    /// Poll until `f` holds or `limit` passes.
+    pub async fn wait_for<F, Fut>(&self, limit: Duration, mut f: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < limit {
+            if f().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.agent.shutdown().await;
+    }
+}
