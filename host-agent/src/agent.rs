@@ -324,7 +324,7 @@ impl Agent {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 let diag = handle.diagnostics();
                 handle.destroy().await;
-                let mut msg = format!("sandbox {}: {e}", spec.id);
+                let mut msg = format!("sandbox {}: {}", spec.id, chain(&e));
                 if !diag.is_empty() {
                     msg.push_str(&format!("; probe output: {}", diag.replace('\n', " | ")));
                 }

@@ -423,7 +423,8 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
         let _ = std::fs::remove_file(&v.uds);
     }
     if let Some(p) = &cfg.metrics {
-        let doc = metrics.to_json(Some((&reason.reason, reason.code)));
+        let mut doc = metrics.to_json(Some((&reason.reason, reason.code)));
+        doc["memory"] = memory_report(&mem);
         if let Err(e) = write_metrics(p, &doc) {
             eprintln!("vmm-lite: cannot write metrics to {}: {e}", p.display());
         }
@@ -432,6 +433,41 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
     std::mem::forget(vm);
     std::mem::forget(threads);
     Ok(reason)
+}
+
+/// Process RSS, peak RSS, guest pages resident, and the difference (the VMM's overhead).
+pub fn memory_report(mem: &GuestMem) -> serde_json::Value {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let page = 4096usize;
+    let mut guest_resident = 0u64;
+    for r in mem.iter() {
+        let Ok(host) = mem.get_host_address(r.start_addr()) else {
+            continue;
+        };
+        let len = r.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: `host` is the page-aligned start of a live mapping of `len` bytes owned by
+        // `mem`; mincore only writes one byte per page into `vec`, which has that many.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            guest_resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page as u64;
+        }
+    }
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map(|p| p * page as u64)
+        .unwrap_or(0);
+    // SAFETY: rusage is plain data, getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    serde_json::json!({
+        "rss_bytes": rss,
+        "peak_rss_bytes": ru.ru_maxrss as u64 * 1024,
+        "guest_resident_bytes": guest_resident,
+        "overhead_bytes": rss.saturating_sub(guest_resident),
+    })
 }
 
 /// Reads available input from `fd` into the UART FIFO. Returns false on EOF/error.

@@ -44,14 +44,27 @@ pub fn func<'a>(name: &'a str, script: &'a str, extra: &'a str) -> Func<'a> {
 
 /// Write the functions and a config, start an agent.
 pub async fn start(funcs: &[Func<'_>], agent_extra: &str) -> TestAgent {
+    start_with(funcs, agent_extra, |cfg| {
+        let d = host_agent::drivers::process::ProcessDriver::new(cfg)
+            .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
+        Arc::new(d)
+    })
+    .await
+}
+
+/// Like [`start`], with the driver built by `make_driver`.
+pub async fn start_with(
+    funcs: &[Func<'_>],
+    agent_extra: &str,
+    make_driver: impl FnOnce(&AgentConfig) -> Arc<dyn host_agent::drivers::Driver>,
+) -> TestAgent {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), funcs, agent_extra);
     let cfg = AgentConfig::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let agent = Agent::start(cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
+    let driver = make_driver(&cfg);
+    let agent = Agent::with_driver(cfg, driver, "test driver".into());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(host_agent::api::serve(agent.clone(), listener, async {
         let _ = rx.await;
@@ -68,8 +81,13 @@ pub async fn start(funcs: &[Func<'_>], agent_extra: &str) -> TestAgent {
 pub fn write_config(dir: &Path, funcs: &[Func<'_>], agent_extra: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let mut toml = format!(
-        "[agent]\nstate_dir = \"{}\"\nboot_timeout_s = 20\n{agent_extra}\n",
-        dir.join("state").display()
+        "[agent]\nstate_dir = \"{}\"\n{}\n{agent_extra}\n",
+        dir.join("state").display(),
+        if agent_extra.contains("boot_timeout_s") {
+            ""
+        } else {
+            "boot_timeout_s = 20"
+        }
     );
     for f in funcs {
         let code = dir.join("code").join(f.name);

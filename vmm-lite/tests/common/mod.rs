@@ -64,7 +64,7 @@ pub fn build_guest(dir: &Path, name: &str, srcs: &[&str], defines: &[&str], kind
     }
     let out = dir.join(name);
     let mut l = Command::new("ld");
-    l.arg("--no-warn-rwx-segments").arg("-nostdlib").arg("-static");
+    l.args(["--no-warn-rwx-segments", "-z", "noexecstack", "-nostdlib", "-static"]);
     match kind {
         Kind::Elf => l.arg("-T").arg(g.join("elf.ld")),
         Kind::BzImage => l
@@ -159,4 +159,9 @@ pub fn run_vmm(dir: &Path, args: &[&str]) -> Run {
             .map(|b| serde_json::from_slice(&b).expect("metrics JSON parses")),
         elapsed,
     }
+}
+
+/// The tiny guest with a virtio-mmio vsock driver (entry64.S + vsock_guest.c).
+pub fn vsock_guest(dir: &Path) -> PathBuf {
+    build_guest(dir, "vsock_guest", &["entry64.S", "vsock_guest.c"], &[], Kind::Elf)
 }

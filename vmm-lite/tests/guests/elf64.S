@@ -4,7 +4,7 @@
  * writes the boot-timer marker, then stops:
  *   default            i8042 reset (VMM exits 0)
  *   -DEXIT_STATUS=N    writes N to the debug exit port (VMM exits N)
- *   -DTRIPLE_FAULT     empty IDT + int3 -> triple fault (KVM_EXIT_SHUTDOWN)
+ *   -DTRIPLE_FAULT     empty IDT + ud2 -> triple fault (KVM_EXIT_SHUTDOWN)
  *   -DBAD_MMIO         pokes unmapped MMIO and ports first (must be contained)
  *   -DSPIN             spins forever after the marker (for signal tests)
  *   -DLINUX_BANNER     embeds a "Linux version" banner, so the VMM takes it for Linux
@@ -41,7 +41,7 @@ _start:
         out     %al, %dx
 #elif defined(TRIPLE_FAULT)
         lidt    zero_idt(%rip)
-        int3
+        ud2
 #else
         mov     $I8042_RESET, %al
         out     %al, $I8042_CMD

@@ -1,6 +1,7 @@
 //! virtio: the device trait and the MMIO transport.
 
 pub mod mmio;
+pub mod test_driver;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -88,6 +88,8 @@ struct Conn {
     last_fwd_cnt_sent: Wrapping<u32>,
     /// Guest → host bytes not yet accepted by the host stream.
     tx_buf: VecDeque<u8>,
+    /// Leading bytes of tx_buf that are ours (the `OK` line), not guest data.
+    tx_uncounted: usize,
     /// Host → guest bytes read with the CONNECT line.
     pre_data: Vec<u8>,
     pending: Pending,
@@ -112,6 +114,7 @@ impl Conn {
             fwd_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),
             tx_buf: VecDeque::new(),
+            tx_uncounted: 0,
             pre_data: Vec::new(),
             pending: Pending::default(),
             in_rxq: false,
@@ -143,7 +146,9 @@ impl Conn {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.tx_buf.drain(..n);
-                    self.fwd_cnt += Wrapping(n as u32);
+                    let ours = n.min(self.tx_uncounted);
+                    self.tx_uncounted -= ours;
+                    self.fwd_cnt += Wrapping((n - ours) as u32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -453,7 +458,7 @@ impl VsockMuxer {
             p.rw = false;
             let want = (c.peer_free() as usize).min(max_data).min(MAX_PKT_DATA);
             if want == 0 || c.state != ConnState::Established {
-                return self.conn_packet_tail(key, pkt, hdr);
+                return self.conn_packet_tail(key, pkt, max_data);
             }
             if !c.pre_data.is_empty() {
                 let n = want.min(c.pre_data.len());
@@ -486,7 +491,7 @@ impl VsockMuxer {
                             || e.kind() == ErrorKind::Interrupted =>
                     {
                         pkt.data.clear();
-                        return self.conn_packet_tail(key, pkt, hdr);
+                        return self.conn_packet_tail(key, pkt, max_data);
                     }
                     Err(_) => {
                         pkt.data.clear();
@@ -520,11 +525,10 @@ impl VsockMuxer {
     }
 
     /// After an RW that produced nothing, fall through to the lower-priority packets.
-    fn conn_packet_tail(&mut self, key: ConnKey, pkt: &mut VsockPacket, hdr: VsockHeader) -> bool {
-        let _ = hdr;
+    fn conn_packet_tail(&mut self, key: ConnKey, pkt: &mut VsockPacket, max_data: usize) -> bool {
         self.update_interest(key);
         let has_more = self.conns.get(&key).is_some_and(|c| c.pending.any());
-        has_more && self.conn_packet(key, pkt, MAX_PKT_DATA.min(pkt.data.capacity().max(1)))
+        has_more && self.conn_packet(key, pkt, max_data)
     }
 
     fn guest_rw(&mut self, key: ConnKey, data: &[u8]) {
@@ -536,7 +540,7 @@ impl VsockMuxer {
             return;
         }
         // Credit check: the guest may have at most CONN_BUF_ALLOC bytes unforwarded.
-        if c.tx_buf.len() + data.len() > CONN_BUF_ALLOC as usize {
+        if c.tx_buf.len() - c.tx_uncounted + data.len() > CONN_BUF_ALLOC as usize {
             crate::guest_warn!("vsock: guest overran its credit on port {}", key.local_port);
             self.metrics.vsock.malformed.inc();
             self.remove(key, true);
@@ -621,24 +625,17 @@ impl VsockBackend for VsockMuxer {
                 }
                 c.state = ConnState::Established;
                 if c.host_initiated {
-                    let line = format!("OK {}\n", key.local_port);
-                    // The line goes ahead of any data, through the same buffered path.
-                    let mut buf: VecDeque<u8> = line.into_bytes().into();
-                    buf.extend(c.tx_buf.drain(..));
-                    c.tx_buf = buf;
-                    let fwd = c.fwd_cnt;
+                    // The OK line goes ahead of any data, through the same buffered path,
+                    // without counting as forwarded guest bytes.
+                    let line = format!("OK {}\n", key.local_port).into_bytes();
+                    c.tx_uncounted += line.len();
+                    for b in line.into_iter().rev() {
+                        c.tx_buf.push_front(b);
+                    }
                     if c.flush_tx().is_err() {
+                        self.metrics.vsock.host_errors.inc();
                         self.remove(key, true);
                         return;
-                    }
-                    // The OK line is not guest data: do not count it as forwarded.
-                    let line_len = format!("OK {}\n", key.local_port).len() as u32;
-                    let c = self.conns.get_mut(&key).expect("checked above");
-                    let sent = (c.fwd_cnt - fwd).0;
-                    c.fwd_cnt -= Wrapping(sent.min(line_len));
-                    if sent < line_len {
-                        // Partially written OK line: keep the rest uncounted.
-                        c.fwd_cnt -= Wrapping(0);
                     }
                     if !c.pre_data.is_empty() {
                         c.pending.rw = true;
