@@ -59,8 +59,14 @@ fn write_full(fd: RawFd, buf: &[u8]) -> bool {
 pub fn pingpong(rounds: usize, placement: Placement) -> anyhow::Result<Summary> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: fds points to two ints, as socketpair requires.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) }
-        != 0
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
     {
         return Err(std::io::Error::last_os_error().into());
     }
@@ -123,7 +129,10 @@ pub fn pingpong(rounds: usize, placement: Placement) -> anyhow::Result<Summary> 
 }
 
 /// The floor table for the given placements.
-pub fn run(rounds: usize, placements: &[Placement]) -> anyhow::Result<(Table, Vec<(Placement, Summary)>)> {
+pub fn run(
+    rounds: usize,
+    placements: &[Placement],
+) -> anyhow::Result<(Table, Vec<(Placement, Summary)>)> {
     let mut t = Table::new(
         format!("Wake-up floor: Unix-socket ping-pong, 2 processes, 64-byte messages, {rounds} round trips"),
         &SUMMARY_HEADER,

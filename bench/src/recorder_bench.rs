@@ -97,36 +97,36 @@ fn with_consumer(records: u64, producers: usize) -> Case {
         })
     };
     let per = records / producers as u64;
-    let (t0, g0) = (thread_allocs(), global_allocs());
-    let run = |rec: &Recorder| {
-        let t = Instant::now();
-        for i in 0..per {
-            rec.record(black_box(sample(i)));
-        }
-        t.elapsed()
-    };
-    let mut total = Duration::ZERO;
-    if producers == 1 {
-        total += run(&rec);
-    } else {
-        let hs: Vec<_> = (1..producers)
-            .map(|_| {
-                let rec = rec.clone();
-                std::thread::spawn(move || {
-                    let t = Instant::now();
-                    for i in 0..per {
-                        rec.record(black_box(sample(i)));
-                    }
-                    t.elapsed()
-                })
+    // Producers are spawned and parked before the allocation counters are read, so thread
+    // start-up is not counted; each producer counts its own thread's allocations.
+    let ready = Arc::new(std::sync::Barrier::new(producers + 1));
+    let go = Arc::new(std::sync::Barrier::new(producers + 1));
+    let hs: Vec<_> = (0..producers)
+        .map(|_| {
+            let (rec, ready, go) = (rec.clone(), ready.clone(), go.clone());
+            std::thread::spawn(move || {
+                ready.wait();
+                go.wait();
+                let a0 = thread_allocs();
+                let t = Instant::now();
+                for i in 0..per {
+                    rec.record(black_box(sample(i)));
+                }
+                (t.elapsed(), thread_allocs() - a0)
             })
-            .collect();
-        total += run(&rec);
-        for h in hs {
-            total += h.join().unwrap_or_default();
-        }
+        })
+        .collect();
+    ready.wait();
+    let g0 = global_allocs();
+    go.wait();
+    let mut total = Duration::ZERO;
+    let mut tallocs = 0;
+    for h in hs {
+        let (d, a) = h.join().unwrap_or_default();
+        total += d;
+        tallocs += a;
     }
-    let (t1, g1) = (thread_allocs(), global_allocs());
+    let g1 = global_allocs();
     stop.store(true, Ordering::Relaxed);
     let _ = consumer.join();
     Case {
@@ -137,7 +137,7 @@ fn with_consumer(records: u64, producers: usize) -> Case {
         },
         calls: per * producers as u64,
         ns_per_call: total.as_nanos() as f64 / (per * producers as u64) as f64,
-        thread_allocs: t1 - t0,
+        thread_allocs: tallocs,
         global_allocs: g1 - g0,
         dropped: rec.dropped(),
     }
@@ -147,10 +147,22 @@ fn with_consumer(records: u64, producers: usize) -> Case {
 pub fn run(records: u64) -> Table {
     // Warm up caches and the queue's memory.
     let _ = with_room(records / 10);
-    let cases = [with_room(records), full(records), with_consumer(records, 1), with_consumer(records, 2)];
+    let cases = [
+        with_room(records),
+        full(records),
+        with_consumer(records, 1),
+        with_consumer(records, 2),
+    ];
     let mut t = Table::new(
         "Recorder hot path: Recorder::record(sample)",
-        &["case", "calls", "ns/call", "allocs (this thread)", "allocs (process)", "dropped"],
+        &[
+            "case",
+            "calls",
+            "ns/call",
+            "allocs (recording threads)",
+            "allocs (process)",
+            "dropped",
+        ],
     );
     for c in &cases {
         t.row(vec![

@@ -21,7 +21,12 @@ pub struct Machine {
 
 /// Read machine facts.
 pub fn machine() -> Machine {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_string();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
     let cpu_model = read("/proc/cpuinfo")
         .lines()
         .find(|l| l.starts_with("model name"))
@@ -30,7 +35,9 @@ pub fn machine() -> Machine {
         .trim()
         .to_string();
     Machine {
-        nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        nproc: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         kernel: read("/proc/sys/kernel/osrelease"),
         cpu_model,
         cpuidle: read("/sys/devices/system/cpu/cpuidle/current_driver"),
@@ -59,7 +66,9 @@ pub fn affinity() -> Vec<usize> {
         return Vec::new();
     }
     // SAFETY: CPU_ISSET only reads the set; the index is below CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize).filter(|c| unsafe { libc::CPU_ISSET(*c, &set) }).collect()
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|c| unsafe { libc::CPU_ISSET(*c, &set) })
+        .collect()
 }
 
 /// A CPU set of the given CPUs.

@@ -390,30 +390,54 @@ impl Agent {
             return;
         };
         match self.boot(pool).await {
-            Ok(sb) => {
-                sb.set_state(SandboxState::Idle);
-                self.park(pool, sb).await;
-            }
+            Ok(sb) => self.park(pool, sb),
             Err(BootFailure::Platform(e) | BootFailure::Init(e)) => {
                 tracing::warn!(function = %pool.spec.name, "pre-warm failed: {e}");
             }
         }
     }
 
-    /// Put a sandbox back in its pool, frozen if configured.
-    async fn park(&self, pool: &Pool, sb: Arc<Sandbox>) {
-        if pool.spec.pool.freeze_idle && sb.handle.can_freeze() {
+    /// Put a sandbox back in its pool at once; if configured, freeze it in the background
+    /// (an invocation that takes it meanwhile waits on `freeze_lock` and thaws it).
+    fn park(self: &Arc<Self>, pool: &Pool, sb: Arc<Sandbox>) {
+        sb.set_state(SandboxState::Idle);
+        pool.put_idle(sb.clone());
+        if !(pool.spec.pool.freeze_idle && sb.handle.can_freeze()) {
+            return;
+        }
+        tokio::spawn(async move {
+            let _g = sb.freeze_lock.lock().await;
+            if sb.state() != SandboxState::Idle {
+                return;
+            }
             match sb.handle.freeze().await {
-                Ok(_) => sb.set_state(SandboxState::Frozen),
+                Ok(_) => {
+                    sb.frozen.store(true, Ordering::Release);
+                    sb.mark_frozen_if_idle();
+                }
                 Err(e) => {
                     tracing::warn!(sandbox = %sb.id, "freeze failed, keeping it thawed: {}", chain(&e));
-                    sb.set_state(SandboxState::Idle);
                 }
             }
-        } else {
-            sb.set_state(SandboxState::Idle);
+        });
+    }
+
+    /// Thaw a sandbox just taken from the pool, if a background freeze got to it.
+    async fn thaw_if_frozen(&self, sb: &Sandbox) -> Option<Duration> {
+        let _g = sb.freeze_lock.lock().await;
+        if !sb.frozen.load(Ordering::Acquire) {
+            return None;
         }
-        pool.put_idle(sb);
+        match sb.handle.thaw().await {
+            Ok(d) => {
+                sb.frozen.store(false, Ordering::Release);
+                Some(d)
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %sb.id, "thaw failed: {}", chain(&e));
+                None
+            }
+        }
     }
 
     /// End a sandbox and forget it.
@@ -423,7 +447,7 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&sb.id);
         tracing::debug!(sandbox = %sb.id, "ending sandbox: {reason}");
-        if sb.state() != SandboxState::Frozen && sb.link.is_alive() {
+        if !sb.frozen.load(Ordering::Acquire) && sb.link.is_alive() {
             sb.link.shutdown(reason, Duration::from_millis(100)).await;
             for _ in 0..20 {
                 if sb.handle.exited() {
@@ -508,15 +532,9 @@ impl Agent {
         }
         let sb = match idle {
             Some(sb) => {
-                if sb.state() == SandboxState::Frozen {
-                    match sb.handle.thaw().await {
-                        Ok(d) => sample.set(Phase::Thaw, d),
-                        Err(e) => {
-                            tracing::warn!(sandbox = %sb.id, "thaw failed: {}", chain(&e));
-                        }
-                    }
+                if let Some(d) = self.thaw_if_frozen(&sb).await {
+                    sample.set(Phase::Thaw, d);
                 }
-                sb.set_state(SandboxState::Busy);
                 sb
             }
             None => match self.boot(&pool).await {
@@ -665,18 +683,20 @@ impl Agent {
             max_rss_kib: sample.max_rss_kib,
             cpu_us: sample.cpu_us,
         };
-        // Hand the sandbox back (or replace it) off the response path.
-        let agent = self.clone();
-        tokio::spawn(async move {
-            if keep && sb.healthy() {
-                agent.park(&pool, sb).await;
-            } else {
+        if keep && sb.healthy() {
+            // Back in the pool before the response goes out, so a back-to-back request is warm.
+            self.park(&pool, sb);
+            drop(permit);
+        } else {
+            // Replace off the response path; the permit is held until the old one is gone.
+            let agent = self.clone();
+            tokio::spawn(async move {
                 agent
                     .destroy(&sb, "replaced after a failed invocation")
                     .await;
-            }
-            drop(permit);
-        });
+                drop(permit);
+            });
+        }
         Ok(inv)
     }
 

@@ -68,6 +68,10 @@ pub struct Sandbox {
     pub created: SystemTime,
     created_at: Instant,
     live: Mutex<Live>,
+    /// Serialises freezing (background, after parking) with thawing (on acquire).
+    pub freeze_lock: tokio::sync::Mutex<()>,
+    /// Whether the cgroup is frozen right now.
+    pub frozen: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -108,6 +112,8 @@ impl Sandbox {
                 last_used: Instant::now(),
                 invocations: 0,
             }),
+            freeze_lock: tokio::sync::Mutex::new(()),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -235,6 +241,8 @@ impl Pool {
         let mut idle = self.idle();
         while let Some(sb) = idle.pop() {
             if sb.healthy() {
+                // Busy under the idle lock: a pending background freeze sees it is taken.
+                sb.set_state(SandboxState::Busy);
                 return (Some(sb), dead);
             }
             dead.push(sb);
@@ -276,5 +284,15 @@ impl Pool {
     /// Invocations waiting for capacity.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
+    }
+}
+
+impl Sandbox {
+    /// After a background freeze: show `frozen` unless an invocation took it meanwhile.
+    pub fn mark_frozen_if_idle(&self) {
+        let mut l = self.live();
+        if l.state == SandboxState::Idle {
+            l.state = SandboxState::Frozen;
+        }
     }
 }

@@ -402,3 +402,36 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(fns["functions"][0]["memory_mb"], 128);
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prewarmed_sandboxes_serve_the_first_invocation_warm_and_survive_reaping() {
+    if !common::can_run() {
+        return;
+    }
+    let a = start(
+        &[func(
+            "pw",
+            "cat",
+            "[functions.pool]\nprewarm = 2\nkeep_alive_s = 0.2",
+        )],
+        "",
+    )
+    .await;
+    let ready = a
+        .wait_for(Duration::from_secs(10), || async {
+            a.get("/v1/functions").await["functions"][0]["sandboxes"]["idle"] == 2
+        })
+        .await;
+    assert!(ready, "two pre-warmed sandboxes expected");
+    let r = a.invoke("pw", "{}").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.cold,
+        "a pre-warmed sandbox serves the first invocation warm"
+    );
+    // Past keep-alive, the reaper keeps the pre-warm count.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let v = a.get("/v1/functions").await;
+    assert_eq!(v["functions"][0]["sandboxes"]["idle"], 2, "{v}");
+    a.stop().await;
+}

@@ -193,10 +193,6 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
     let agent = host_agent::Agent::start(cfg).await?;
     let (driver, why) = agent.driver();
     eprintln!("sandscope agent: driver {driver}: {why}");
-    eprintln!(
-        "sandscope agent: listening on http://{}",
-        listener.local_addr()?
-    );
     for f in agent.functions_view() {
         eprintln!(
             "  function {:<16} {:<10} {} MiB, timeout {:.1}s, up to {} sandboxes",
@@ -207,6 +203,11 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
             f.spec.pool.max_sandboxes
         );
     }
+    // Last line of the banner: scripts wait for it.
+    eprintln!(
+        "sandscope agent: listening on http://{}",
+        listener.local_addr()?
+    );
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");

@@ -458,6 +458,15 @@ pub fn memory_report(mem: &GuestMem) -> serde_json::Value {
         .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
         .map(|p| p * page as u64)
         .unwrap_or(0);
+    let anon = std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Anonymous:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0);
     // SAFETY: rusage is plain data, getrusage fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `ru` is a valid, writable rusage.
@@ -467,6 +476,8 @@ pub fn memory_report(mem: &GuestMem) -> serde_json::Value {
         "peak_rss_bytes": ru.ru_maxrss as u64 * 1024,
         "guest_resident_bytes": guest_resident,
         "overhead_bytes": rss.saturating_sub(guest_resident),
+        "anon_bytes": anon,
+        "anon_overhead_bytes": anon.saturating_sub(guest_resident),
     })
 }
 

@@ -1,8 +1,8 @@
 /*
  * Tiny bzImage built to the Linux boot protocol (2.15 header, 64-bit entry). The setup
  * area is one sector plus the boot sector; the protected-mode part loads at 1 MiB and the
- * 64-bit entry is 0x200 bytes into it (like startup_64). Prints a banner and the command
- * line from boot_params, writes the boot-timer marker and resets through the i8042.
+ * 64-bit entry is 0x200 bytes into it (like startup_64). Writes the boot-timer marker,
+ * prints a banner and the command line from boot_params and resets through the i8042.
  * Linked flat (base 0) by bzimage.ld.
  */
 #include "common.h"
@@ -51,6 +51,8 @@ payload:
         .fill   0x200, 1, 0xf4
         .code64
 startup_64:
+        movl    $BOOT_TIMER, %edi
+        movb    $BOOT_TIMER_MAGIC, (%rdi)
         mov     %rsi, %rbx
         mov     $COM1, %dx
         lea     banner(%rip), %rsi
@@ -59,8 +61,6 @@ startup_64:
         call    puts
         mov     $'\n', %al
         out     %al, %dx
-        movl    $BOOT_TIMER, %edi
-        movb    $BOOT_TIMER_MAGIC, (%rdi)
         mov     $I8042_RESET, %al
         out     %al, $I8042_CMD
 1:      hlt

@@ -1,7 +1,7 @@
 /*
  * Tiny 64-bit guest entered through the Linux 64-bit boot protocol: long mode, the VMM's
- * identity map, %rsi = boot_params. Prints a banner and the kernel command line to COM1,
- * writes the boot-timer marker, then stops:
+ * identity map, %rsi = boot_params. Writes the boot-timer marker first, prints a banner and
+ * the kernel command line to COM1, then stops:
  *   default            i8042 reset (VMM exits 0)
  *   -DEXIT_STATUS=N    writes N to the debug exit port (VMM exits N)
  *   -DTRIPLE_FAULT     empty IDT + ud2 -> triple fault (KVM_EXIT_SHUTDOWN)
@@ -14,6 +14,8 @@
         .text
         .globl _start
 _start:
+        movl    $BOOT_TIMER, %edi       /* boot-timer marker: the first thing the guest does */
+        movb    $BOOT_TIMER_MAGIC, (%rdi)
         mov     %rsi, %rbx              /* keep boot_params */
         mov     $COM1, %dx
         lea     banner(%rip), %rsi
@@ -22,8 +24,6 @@ _start:
         call    puts
         mov     $'\n', %al
         out     %al, %dx
-        movl    $BOOT_TIMER, %edi
-        movb    $BOOT_TIMER_MAGIC, (%rdi)
 #ifdef BAD_MMIO
         movl    $0xdead0000, %edi
         movl    (%rdi), %eax

@@ -1,7 +1,7 @@
 /*
  * Tiny PVH guest: the ELF note XEN_ELFNOTE_PHYS32_ENTRY (type 18) gives the 32-bit entry.
- * Entered in 32-bit protected mode, paging off, %ebx = hvm_start_info. Checks the start_info
- * magic, prints a banner and the command line, writes the boot-timer marker and resets
+ * Entered in 32-bit protected mode, paging off, %ebx = hvm_start_info. Writes the boot-timer
+ * marker, checks the start_info magic, prints a banner and the command line and resets
  * through the i8042.
  */
 #include "common.h"
@@ -19,6 +19,7 @@
         .globl _start
 _start:
 pvh_start:
+        movb    $BOOT_TIMER_MAGIC, BOOT_TIMER
         mov     $COM1, %dx
         cmpl    $0x336ec578, (%ebx)     /* XEN_HVM_START_MAGIC */
         jne     bad
@@ -28,7 +29,6 @@ pvh_start:
         call    puts
         mov     $'\n', %al
         out     %al, %dx
-        movb    $BOOT_TIMER_MAGIC, BOOT_TIMER
         mov     $I8042_RESET, %al
         out     %al, $I8042_CMD
 1:      hlt

@@ -1,0 +1,297 @@
+//! The `sandscope` binary end to end: the demo, an agent driven by the client
+//! subcommands, and clear errors for bad input.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sandscope"))
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let r = unsafe { libc::geteuid() } == 0;
+    if !r {
+        eprintln!("SKIPPED: sandbox tests need root");
+    }
+    r
+}
+
+#[test]
+fn demo_json_reports_cold_and_warm_and_the_probe_view() {
+    if !root() {
+        return;
+    }
+    let out = bin()
+        .args(["demo", "--json", "--warm", "20", "--burst", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(v["driver"], "process");
+    assert!(
+        v["driver_reason"]
+            .as_str()
+            .unwrap()
+            .contains("process driver"),
+        "{v}"
+    );
+    let probe = &v["probe"];
+    assert_eq!(
+        probe["probe"]["hostname"], probe["id"],
+        "hostname inside = sandbox id"
+    );
+    assert_eq!(probe["probe"]["probe_pid"], 1);
+    assert!(probe["probe"]["mem_total_kib"].as_u64().unwrap() > 0);
+    let fns = v["functions"].as_array().unwrap();
+    assert_eq!(fns.len(), 2);
+    for f in fns {
+        assert!(f["coldstarts"].as_u64().unwrap() >= 1, "{f}");
+        assert!(f["warm"]["count"].as_u64().unwrap() >= 20, "{f}");
+        assert_eq!(f["errors"], 0, "{f}");
+        assert!(f["phases"]["spawn"]["count"].as_u64().unwrap() >= 1, "{f}");
+    }
+    assert!(
+        v["workload"]["failures"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
+    assert!(v["workload"]["first_invocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["cold"] == true));
+    let hosts = v["packing"].as_array().unwrap();
+    assert_eq!(hosts.len(), 1, "one host kernel for namespace sandboxes");
+    assert!(
+        hosts[0]["memory_committed_bytes"].as_u64().unwrap()
+            > hosts[0]["memory_resident_bytes"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn demo_text_report_names_driver_phases_and_packing() {
+    if !root() {
+        return;
+    }
+    let out = bin()
+        .args(["demo", "--warm", "5", "--burst", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "driver: process",
+        "What the probe reports from inside",
+        "boot_id",
+        "Cold-start phases",
+        "probe_init",
+        "Host packing",
+        "warm",
+        "cold",
+    ] {
+        assert!(s.contains(needle), "missing `{needle}` in:\n{s}");
+    }
+}
+
+struct AgentProc(Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // SIGTERM by pid (never by name) so the agent ends its sandboxes.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn agent_serves_invoke_stats_and_sandboxes_subcommands() {
+    if !root() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = bin()
+        .args([
+            "agent",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+        ])
+        .arg(state.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let agent = AgentProc(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let mut banner = String::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        banner.push_str(&l);
+        banner.push('\n');
+        if l.contains("listening on") {
+            break;
+        }
+    }
+    assert!(banner.contains("driver process"), "{banner}");
+    assert!(banner.contains("function hello"), "{banner}");
+    std::thread::spawn(move || for _ in lines {});
+
+    let out = bin()
+        .args([
+            "invoke",
+            "hello",
+            "--payload",
+            r#"{"who":"cli"}"#,
+            "--agent",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["event"]["who"], "cli");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cold"));
+
+    let out = bin()
+        .args([
+            "invoke",
+            "echo",
+            "--count",
+            "30",
+            "--concurrency",
+            "3",
+            "--agent",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{s} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.contains("30 ok, 0 function errors, 0 failed"), "{s}");
+
+    let out = bin()
+        .args(["stats", "--json", "--agent", &url])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let echo = v["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "echo")
+        .unwrap()
+        .clone();
+    assert_eq!(echo["invocations"], 30);
+    assert!(echo["coldstarts"].as_u64().unwrap() >= 1);
+    let out = bin().args(["stats", "--agent", &url]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("p99.9"));
+
+    let out = bin().args(["sandboxes", "--agent", &url]).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("hello-") && s.contains("echo-") && s.contains("Host packing"),
+        "{s}"
+    );
+    drop(agent);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[[functions]]\nname = \"f\"\nhandler = \"x\"\ncode = \".\"\nmemroy_mb = 5\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("bad.toml") && e.contains("memroy_mb"), "{e}");
+
+    let out = bin()
+        .args([
+            "invoke",
+            "f",
+            "--payload",
+            "{not json",
+            "--agent",
+            "http://127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
+
+    let out = bin()
+        .args(["stats", "--agent", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = bin().args(["demo", "--driver", "docker"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown driver"));
+
+    let out = bin().args(["--help"]).output().unwrap();
+    let h = String::from_utf8_lossy(&out.stdout);
+    for sub in ["demo", "agent", "invoke", "stats", "sandboxes"] {
+        assert!(h.contains(sub), "{h}");
+    }
+}
+
+#[test]
+fn forcing_an_unavailable_vm_driver_says_why() {
+    if !root() {
+        return;
+    }
+    let out = bin()
+        .args(["demo", "--driver", "vmm-lite"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("vmm-lite") && e.contains("unavailable"), "{e}");
+}
