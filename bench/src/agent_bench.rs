@@ -537,6 +537,7 @@ pub fn warm(
     for &pinned in placements {
         let load0 = sys::loadavg();
         let r = warm_one(work, pinned, invokes, http_invokes, exec_invokes, rounds)?;
+        let parts = decompose(work, invokes.min(20_000), pinned)?;
         let load1 = sys::loadavg();
         let mut t = Table::new(
             format!("Warm invoke round trip — {}", r.placement),
@@ -552,6 +553,7 @@ pub fn warm(
         );
         t.note(format!("Load average before/after: {load0} / {load1}."));
         out.push(t);
+        out.push(parts);
         let ratio = r.noop_p50 / r.floor.p50;
         goals.row(vec![
             r.placement.to_string(),
@@ -697,4 +699,73 @@ pub fn throughput(
             .to_string(),
     );
     Ok(vec![t])
+}
+
+/// Parts of the warm path measured without the agent and probe: the handler hop alone (a
+/// pipe round trip to the noop runtime), and the probe's per-invoke procfs work on it.
+pub fn decompose(work: &Work, n: usize, pinned: bool) -> anyhow::Result<Table> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let before = sys::affinity();
+    if pinned {
+        sys::set_affinity(&[0])?;
+    }
+    let res = (|| {
+        let mut child = Command::new(work.code.join("noop"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let mut stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line != "ready\n" {
+            bail!("noop said {line:?}");
+        }
+        let mut hop = Vec::with_capacity(n);
+        for i in 0..n + n / 20 {
+            line.clear();
+            let t = Instant::now();
+            stdin.write_all(b"{}\n")?;
+            stdout.read_line(&mut line)?;
+            if i >= n / 20 {
+                hop.push(us_of(t.elapsed()));
+            }
+        }
+        let mut procfs = Vec::with_capacity(n);
+        let (clear, stat, status) = (
+            format!("/proc/{pid}/clear_refs"),
+            format!("/proc/{pid}/stat"),
+            format!("/proc/{pid}/status"),
+        );
+        let mut buf = String::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            std::fs::write(&clear, "5")?;
+            for p in [&stat, &stat, &status] {
+                buf.clear();
+                std::fs::File::open(p)?.read_to_string(&mut buf)?;
+            }
+            procfs.push(us_of(t.elapsed()));
+        }
+        drop(stdin);
+        let _ = child.wait();
+        anyhow::Ok((Summary::of(hop), Summary::of(procfs)))
+    })();
+    sys::set_affinity(&before)?;
+    let (hop, procfs) = res?;
+    let mut t = Table::new(
+        format!(
+            "Warm-path parts without agent or probe — {}",
+            if pinned { "pinned to CPU 0" } else { "unpinned" }
+        ),
+        &SUMMARY_HEADER,
+    );
+    t.summary_row("handler hop: pipe round trip to the noop runtime", &hop, usf);
+    t.summary_row(
+        "probe's per-invoke procfs work (clear_refs + 2x stat + status)",
+        &procfs,
+        usf,
+    );
+    Ok(t)
 }

@@ -64,24 +64,7 @@ pub enum Endpoint {
     },
 }
 
-/// How the handler runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandlerKind {
-    /// `/bin/sh -c HANDLER` once per invoke; payload on stdin, response on stdout.
-    Exec,
-    /// `/bin/sh -c HANDLER` once; `sandscope-lines/1` over stdin/stdout.
-    Persistent,
-}
-
-impl HandlerKind {
-    /// The name used on the command line and in `Hello::handler_kind`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HandlerKind::Exec => "exec",
-            HandlerKind::Persistent => "persistent",
-        }
-    }
-}
+pub use wire::HandlerKind;
 
 /// Filesystem to build for a process sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,16 +159,12 @@ impl Args {
                 "--host-id" => set(&mut host_id, &name, value(&name)?)?,
                 "--handler-kind" => {
                     let v = value(&name)?;
-                    let k = match v.as_str() {
-                        "exec" => HandlerKind::Exec,
-                        "persistent" => HandlerKind::Persistent,
-                        _ => {
-                            return Err(ArgsError::InvalidValue {
-                                option: "--handler-kind",
-                                value: v,
-                                reason: "expected exec or persistent",
-                            })
-                        }
+                    let Some(k) = HandlerKind::parse(&v) else {
+                        return Err(ArgsError::InvalidValue {
+                            option: "--handler-kind",
+                            value: v,
+                            reason: "expected exec or persistent",
+                        });
                     };
                     set(&mut kind, &name, k)?
                 }

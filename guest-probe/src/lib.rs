@@ -24,17 +24,7 @@ pub mod reaper;
 pub mod setup;
 pub mod transport;
 
-/// Format an error with its `source()` chain: `outer: inner: innermost`.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use wire::error_chain;
 
 /// End the sandbox after a clean shutdown. As PID 1 of a machine (a VM's init: PID 1
 /// without `--fork-init`) it powers off, since init must not exit; otherwise it exits 0.

@@ -10,6 +10,7 @@ use crate::recorder::{
     Aggregator, Outcome, Phase, Recorder, Sample, SnapshotHandle, StatsSnapshot,
 };
 use crate::util::us;
+use exporters::jsonl::{EventStatus, InvokeRecord, JsonlSink};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,9 @@ pub enum StartError {
     /// No driver could be set up.
     #[error("no sandbox driver available")]
     Driver(#[from] DriverError),
+    /// The JSON-lines output could not be opened.
+    #[error("telemetry output")]
+    Jsonl(#[from] exporters::jsonl::JsonlError),
 }
 
 /// Why an invocation did not reach the function.
@@ -114,6 +118,7 @@ pub struct Agent {
     logs: broadcast::Sender<LogLine>,
     host_id: String,
     ids: AtomicU64,
+    jsonl: Option<JsonlSink>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -136,7 +141,7 @@ impl Agent {
     /// Pick a driver, build pools, start the aggregator, reaper and pre-warming.
     pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, StartError> {
         let (driver, driver_reason) = drivers::select(&cfg)?;
-        Ok(Self::with_driver(cfg, driver, driver_reason))
+        Self::with_driver(cfg, driver, driver_reason)
     }
 
     /// Build an agent around a given driver (tests, embedding).
@@ -144,13 +149,22 @@ impl Agent {
         cfg: AgentConfig,
         driver: Arc<dyn Driver>,
         driver_reason: String,
-    ) -> Arc<Agent> {
+    ) -> Result<Arc<Agent>, StartError> {
         let recorder = Arc::new(Recorder::new(cfg.recorder_queue));
         let names = cfg.functions.iter().map(|f| f.name.clone()).collect();
         let metrics = Arc::new(AgentMetrics::default());
-        let m2 = metrics.clone();
+        let jsonl = cfg
+            .jsonl
+            .as_ref()
+            .map(|t| JsonlSink::open(t, 8192))
+            .transpose()?;
+        let (m2, j2) = (metrics.clone(), jsonl.clone());
         let snapshots = Aggregator::new(recorder.clone(), names).spawn(Arc::new(move || {
-            vec![("log_lines", m2.log_lines_lost.load(Ordering::Relaxed))]
+            let mut d = vec![("log_lines", m2.log_lines_lost.load(Ordering::Relaxed))];
+            if let Some(j) = &j2 {
+                d.push(("jsonl", j.dropped()));
+            }
+            d
         }));
         let pools: Vec<Arc<Pool>> = cfg
             .functions
@@ -191,6 +205,7 @@ impl Agent {
             logs,
             host_id,
             ids: AtomicU64::new(seed | 1),
+            jsonl,
         });
         agent.clone().spawn_reaper();
         for p in &agent.pools {
@@ -200,7 +215,7 @@ impl Agent {
                 tokio::spawn(async move { a.prewarm_one(&p).await });
             }
         }
-        agent
+        Ok(agent)
     }
 
     /// The configuration in force.
@@ -502,6 +517,10 @@ impl Agent {
         opts: InvokeOptions,
     ) -> Result<Invocation, InvokeError> {
         let t0 = Instant::now();
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let pool = self
             .by_name
             .get(name)
@@ -663,6 +682,26 @@ impl Agent {
         };
         sample.total_us = us(t0.elapsed());
         self.recorder.record(sample);
+        if let Some(j) = &self.jsonl {
+            j.send(InvokeRecord {
+                function: pool.spec.name.clone(),
+                sandbox: sb.id.clone(),
+                request_id: invoke_id.clone(),
+                cold: sample.cold,
+                status: match status {
+                    Status::Ok => EventStatus::Success,
+                    Status::FunctionError => EventStatus::Error,
+                    Status::Timeout => EventStatus::Timeout,
+                    Status::OutOfMemory => EventStatus::Failure,
+                },
+                error_type: error_type.clone(),
+                start_unix_ms: started_unix_ms,
+                duration_ms: sample.phases_us[Phase::Invoke as usize] as f64 / 1000.0,
+                init_duration_ms: sample.init_us().map(|v| v as f64 / 1000.0),
+                memory_size_mb: pool.spec.memory_mb,
+                max_memory_used_mb: sample.max_rss_kib.div_ceil(1024),
+            });
+        }
         let inv = Invocation {
             invoke_id,
             function: pool.spec.name.clone(),
@@ -818,17 +857,7 @@ fn timeout_message(t: Duration) -> String {
     format!("Task timed out after {:.2} seconds", t.as_secs_f64())
 }
 
-/// Render an error with its sources.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use wire::error_chain as chain;
 
 /// Sandboxes per state.
 #[derive(Debug, Clone, Copy, Default, Serialize)]

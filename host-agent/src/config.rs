@@ -67,6 +67,8 @@ pub struct RawAgent {
     pub boot_timeout_s: Option<f64>,
     /// Capacity of the recorder's sample queue.
     pub recorder_queue: Option<usize>,
+    /// Write Telemetry API-shaped platform events as JSON lines here (`-` = stdout).
+    pub jsonl: Option<String>,
 }
 
 /// Raw `[[functions]]`.
@@ -113,25 +115,7 @@ pub struct RawPool {
     pub freeze_idle: Option<bool>,
 }
 
-/// How the probe runs the handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HandlerKind {
-    /// A new process per invocation: event on stdin, response on stdout.
-    Exec,
-    /// One long-lived process speaking the sandscope-lines/1 protocol.
-    Persistent,
-}
-
-impl HandlerKind {
-    /// The name used on the probe's command line and in config.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HandlerKind::Exec => "exec",
-            HandlerKind::Persistent => "persistent",
-        }
-    }
-}
+pub use wire::HandlerKind;
 
 /// Which sandbox driver to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +172,7 @@ pub struct FunctionSpec {
     /// Handler command.
     pub handler: String,
     /// Handler kind.
+    #[serde(serialize_with = "ser_kind")]
     pub kind: HandlerKind,
     /// Absolute code directory.
     pub code: PathBuf,
@@ -211,6 +196,10 @@ impl FunctionSpec {
     }
 }
 
+fn ser_kind<S: serde::Serializer>(k: &HandlerKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(k.as_str())
+}
+
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
@@ -230,6 +219,8 @@ pub struct AgentConfig {
     pub boot_timeout: Duration,
     /// Recorder queue capacity.
     pub recorder_queue: usize,
+    /// JSON-lines platform events output, if any.
+    pub jsonl: Option<exporters::jsonl::Target>,
     /// Functions served.
     pub functions: Vec<FunctionSpec>,
 }
@@ -316,14 +307,13 @@ impl AgentConfig {
                 return Err(invalid(key("handler"), "must not be empty".into()));
             }
             let kind = match f.kind.as_deref() {
-                None | Some("exec") => HandlerKind::Exec,
-                Some("persistent") => HandlerKind::Persistent,
-                Some(o) => {
-                    return Err(invalid(
+                None => HandlerKind::Exec,
+                Some(k) => HandlerKind::parse(k).ok_or_else(|| {
+                    invalid(
                         key("kind"),
-                        format!("unknown kind `{o}` (expected exec or persistent)"),
-                    ))
-                }
+                        format!("unknown kind `{k}` (expected exec or persistent)"),
+                    )
+                })?,
             };
             let code = if f.code.is_absolute() {
                 f.code.clone()
@@ -420,6 +410,11 @@ impl AgentConfig {
             driver,
             boot_timeout,
             recorder_queue,
+            jsonl: match raw.agent.jsonl.as_deref() {
+                None => None,
+                Some("") => return Err(invalid("agent.jsonl".into(), "must not be empty".into())),
+                Some(p) => Some(exporters::jsonl::Target::parse(p)),
+            },
             functions,
         })
     }

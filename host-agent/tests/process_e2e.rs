@@ -435,3 +435,67 @@ async fn prewarmed_sandboxes_serve_the_first_invocation_warm_and_survive_reaping
     assert_eq!(v["functions"][0]["sandboxes"]["idle"], 2, "{v}");
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jsonl_sink_writes_telemetry_api_events_per_invocation() {
+    if !common::can_run() {
+        return;
+    }
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let a = start(
+        &[func("hello", ECHO_HOST, "")],
+        &format!("jsonl = \"{}\"", out.path().display()),
+    )
+    .await;
+    let r1 = a.invoke("hello", "{}").await;
+    let r2 = a.invoke("hello", "\"fail\"").await;
+    assert!(r1.cold && !r2.cold);
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let complete = a
+        .wait_for(Duration::from_secs(5), || {
+            events = std::fs::read_to_string(out.path())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let n = events.len();
+            async move { n >= 9 }
+        })
+        .await;
+    assert!(complete, "{events:?}");
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "platform.initStart",
+            "platform.initRuntimeDone",
+            "platform.initReport",
+            "platform.start",
+            "platform.runtimeDone",
+            "platform.report",
+            "platform.start",
+            "platform.runtimeDone",
+            "platform.report"
+        ]
+    );
+    assert_eq!(events[0]["record"]["instanceId"], r1.sandbox.as_str());
+    assert_eq!(events[5]["record"]["status"], "success");
+    assert!(
+        events[5]["record"]["metrics"]["initDurationMs"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(events[5]["record"]["metrics"]["memorySizeMB"], 128);
+    assert_eq!(events[8]["record"]["status"], "error");
+    assert!(events[8]["record"]["metrics"]
+        .get("initDurationMs")
+        .is_none());
+    assert_ne!(
+        events[5]["record"]["requestId"],
+        events[8]["record"]["requestId"]
+    );
+    let stats = a.get("/v1/stats").await;
+    assert_eq!(stats["telemetry"]["dropped"]["jsonl"], 0);
+    a.stop().await;
+}

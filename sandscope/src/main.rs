@@ -78,6 +78,10 @@ struct AgentArgs {
     /// Directory for sandbox runtime state.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Write Lambda Telemetry API-shaped platform events (platform.start, .report, ...) as
+    /// JSON lines to this file (`-` = stdout).
+    #[arg(long)]
+    jsonl: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -185,7 +189,10 @@ fn load_config(
 }
 
 async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
-    let cfg = load_config(a.config.as_ref(), a.state_dir, a.probe, a.driver, a.http)?;
+    let mut cfg = load_config(a.config.as_ref(), a.state_dir, a.probe, a.driver, a.http)?;
+    if let Some(j) = a.jsonl.as_deref() {
+        cfg.jsonl = Some(exporters::jsonl::Target::parse(j));
+    }
     let addr = cfg.http;
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -75,16 +75,7 @@ pub fn stats(v: &Value) -> String {
     );
     for f in &fns {
         let phases = f["phases"].as_object().cloned().unwrap_or_default();
-        let order = [
-            "queue",
-            "thaw",
-            "spawn",
-            "vmm_setup",
-            "kernel",
-            "probe_init",
-            "runtime_init",
-            "invoke",
-        ];
+        let order = host_agent::recorder::PHASES;
         let widest = order
             .iter()
             .filter_map(|p| phases.get(*p))

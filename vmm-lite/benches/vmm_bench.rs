@@ -74,14 +74,23 @@ fn children_cpu_s() -> f64 {
 }
 
 fn cold_start(dir: &Path, kernel: &Path, runs: usize) {
-    println!("\n== cold start: tiny 64-bit ELF guest, 1 vCPU, 128 MiB ({}) ==", vmm_bin().display());
+    println!(
+        "\n== cold start: tiny 64-bit ELF guest, 1 vCPU, 128 MiB ({}) ==",
+        vmm_bin().display()
+    );
     let metrics = dir.join("m.json");
     let (mut marker, mut first_run, mut mem_ready, mut wall) = (vec![], vec![], vec![], vec![]);
     let (mut rss, mut overhead, mut anon_over) = (vec![], vec![], vec![]);
     for _ in 0..runs {
         let t = Instant::now();
         let st = Command::new(vmm_bin())
-            .args(["--kernel", kernel.to_str().unwrap(), "--serial-out", "none", "--quiet"])
+            .args([
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--serial-out",
+                "none",
+                "--quiet",
+            ])
             .arg("--metrics")
             .arg(&metrics)
             .status()
@@ -115,7 +124,13 @@ fn creation_rate(kernel: &Path, runs: usize) {
     let t = Instant::now();
     for _ in 0..runs {
         let st = Command::new(vmm_bin())
-            .args(["--kernel", kernel.to_str().unwrap(), "--serial-out", "none", "--quiet"])
+            .args([
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--serial-out",
+                "none",
+                "--quiet",
+            ])
             .status()
             .unwrap();
         assert_eq!(st.code(), Some(0));
@@ -187,9 +202,14 @@ fn device_tx<B: VsockBackend>(
     let batch = 128usize;
     let buf = 0x20_0000u64;
     drv.mem
-        .write_slice(&guest_hdr(op::RW, size as u32).to_bytes(), GuestAddress(buf))
+        .write_slice(
+            &guest_hdr(op::RW, size as u32).to_bytes(),
+            GuestAddress(buf),
+        )
         .unwrap();
-    drv.mem.write_slice(&vec![0x11u8; size], GuestAddress(buf + 44)).unwrap();
+    drv.mem
+        .write_slice(&vec![0x11u8; size], GuestAddress(buf + 44))
+        .unwrap();
     let t0 = Instant::now();
     let mut n = 0usize;
     while n < iters {
@@ -197,7 +217,13 @@ fn device_tx<B: VsockBackend>(
             if size == 0 {
                 drv.add_chain(TXQ, &[(buf, HDR_SIZE as u32, false)]);
             } else {
-                drv.add_chain(TXQ, &[(buf, HDR_SIZE as u32, false), (buf + 44, size as u32, false)]);
+                drv.add_chain(
+                    TXQ,
+                    &[
+                        (buf, HDR_SIZE as u32, false),
+                        (buf + 44, size as u32, false),
+                    ],
+                );
             }
         }
         t.device_mut().process_queue_event(TXQ);
@@ -213,7 +239,16 @@ fn device_model() {
     for &size in &[0usize, 4096, 65536] {
         let mem = create_memory(64).unwrap();
         let m = Arc::new(Metrics::default());
-        let dev = VsockDevice::new(3, mem.clone(), Sink { rx_left: 0, rx_size: 0 }, m.clone()).unwrap();
+        let dev = VsockDevice::new(
+            3,
+            mem.clone(),
+            Sink {
+                rx_left: 0,
+                rx_size: 0,
+            },
+            m.clone(),
+        )
+        .unwrap();
         let mut t = MmioTransport::new(dev, IrqLine::new().unwrap(), m).unwrap();
         let mut drv = TestDriver::new(mem, 3, 256);
         drv.init(&mut t);
@@ -225,7 +260,10 @@ fn device_model() {
         let mem = create_memory(64).unwrap();
         let m = Arc::new(Metrics::default());
         let iters = if size >= 60000 { 20_000 } else { 200_000 };
-        let sink = Sink { rx_left: iters, rx_size: size };
+        let sink = Sink {
+            rx_left: iters,
+            rx_size: size,
+        };
         let dev = VsockDevice::new(3, mem.clone(), sink, m.clone()).unwrap();
         let mut t = MmioTransport::new(dev, IrqLine::new().unwrap(), m).unwrap();
         let mut drv = TestDriver::new(mem, 3, 256);
@@ -278,7 +316,10 @@ fn device_model() {
     });
     let size = 65536usize;
     drv.mem
-        .write_slice(&guest_hdr(op::RW, size as u32).to_bytes(), GuestAddress(buf))
+        .write_slice(
+            &guest_hdr(op::RW, size as u32).to_bytes(),
+            GuestAddress(buf),
+        )
         .unwrap();
     let t0 = Instant::now();
     let mut sent = 0usize;
@@ -289,7 +330,9 @@ fn device_model() {
         if in_flight + size as u32 <= 192 * 1024 {
             let mut h = guest_hdr(op::RW, size as u32);
             h.fwd_cnt = 0;
-            drv.mem.write_slice(&h.to_bytes(), GuestAddress(buf)).unwrap();
+            drv.mem
+                .write_slice(&h.to_bytes(), GuestAddress(buf))
+                .unwrap();
             drv.add_chain(TXQ, &[(buf, 44, false), (buf + 44, size as u32, false)]);
             t.device_mut().process_queue_event(TXQ);
             drv.take_used(TXQ);
@@ -307,11 +350,20 @@ fn device_model() {
             // Credit updates only come every quarter buffer: ask when starved.
             if sent as u32 - fwd + size as u32 > 192 * 1024 {
                 let h = guest_hdr(op::CREDIT_REQUEST, 0);
-                drv.mem.write_slice(&h.to_bytes(), GuestAddress(0x30_0000)).unwrap();
+                drv.mem
+                    .write_slice(&h.to_bytes(), GuestAddress(0x30_0000))
+                    .unwrap();
                 drv.add_chain(TXQ, &[(0x30_0000, 44, false)]);
                 t.device_mut().process_queue_event(TXQ);
                 drv.take_used(TXQ);
-                std::thread::sleep(Duration::from_micros(20));
+                // Wait (up to 1 ms) for the host socket to drain.
+                let mut pfd = libc::pollfd {
+                    fd: t.device().backend_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: `pfd` is one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 1) };
             }
         }
     }
@@ -329,7 +381,14 @@ fn end_to_end(dir: &Path) {
     let uds = dir.join("e.sock");
     let l = UnixListener::bind(format!("{}_5200", uds.display())).unwrap();
     let mut child = Command::new(vmm_bin())
-        .args(["--kernel", k.to_str().unwrap(), "--vsock-cid", "3", "--serial-out", "none"])
+        .args([
+            "--kernel",
+            k.to_str().unwrap(),
+            "--vsock-cid",
+            "3",
+            "--serial-out",
+            "none",
+        ])
         .args(["--quiet", "--vsock-uds"])
         .arg(&uds)
         .stderr(Stdio::null())
@@ -391,7 +450,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    println!("vmm-lite benchmarks (host KVM: {})", vmm_lite::host::kvm_kind().name());
+    println!(
+        "vmm-lite benchmarks (host KVM: {})",
+        vmm_lite::host::kvm_kind().name()
+    );
     let dir = common::scratch();
     let elf = common::elf64(&dir, &[]);
     if Path::new("/dev/kvm").exists() {

@@ -254,7 +254,8 @@ pub fn inspect_kernel_bytes(path: &Path, d: &[u8]) -> Result<ImageInfo> {
         let mut loads = 0;
         for i in 0..u64::from(phnum) {
             let off = usize::try_from(phoff + i * 56).map_err(|_| corrupt(path, "bad phoff"))?;
-            let p_type = u32_at(d, off).ok_or_else(|| corrupt(path, "truncated program headers"))?;
+            let p_type =
+                u32_at(d, off).ok_or_else(|| corrupt(path, "truncated program headers"))?;
             if p_type != 1 {
                 continue;
             }
@@ -265,8 +266,14 @@ pub fn inspect_kernel_bytes(path: &Path, d: &[u8]) -> Result<ImageInfo> {
             if p_filesz == 0 {
                 continue;
             }
-            if p_offset.checked_add(p_filesz).is_none_or(|e| e > d.len() as u64) {
-                return Err(corrupt(path, "an ELF segment extends past the end of the file"));
+            if p_offset
+                .checked_add(p_filesz)
+                .is_none_or(|e| e > d.len() as u64)
+            {
+                return Err(corrupt(
+                    path,
+                    "an ELF segment extends past the end of the file",
+                ));
             }
             let end = p_paddr
                 .checked_add(p_memsz.max(p_filesz))
@@ -289,15 +296,17 @@ pub fn inspect_kernel_bytes(path: &Path, d: &[u8]) -> Result<ImageInfo> {
         };
         let setup_size = (setup_sects + 1) * 512;
         if (d.len() as u64) <= setup_size {
-            return Err(corrupt(path, "bzImage is truncated (no protected-mode kernel)"));
+            return Err(corrupt(
+                path,
+                "bzImage is truncated (no protected-mode kernel)",
+            ));
         }
         let payload = d.len() as u64 - setup_size;
         let init_size = u32_at(d, 0x260).map(u64::from).unwrap_or(0);
         let kver = u16_at(d, 0x20e).unwrap_or(0);
         // A standard kernel points kernel_version at a "X.Y.Z ..." string in the setup code.
         let is_linux = kver != 0
-            && d
-                .get(kver as usize + 0x200)
+            && d.get(kver as usize + 0x200)
                 .is_some_and(|c| c.is_ascii_digit());
         Ok(ImageInfo {
             format: ImageFormat::BzImage,
@@ -651,7 +660,10 @@ mod tests {
         let m = create_memory(16).unwrap();
         assert_eq!(low_mem_end(&m), 16 << 20);
         let map = memory_map(&m);
-        assert_eq!(map.last().unwrap(), &(HIMEM_START, (16 << 20) - HIMEM_START, E820_RAM));
+        assert_eq!(
+            map.last().unwrap(),
+            &(HIMEM_START, (16 << 20) - HIMEM_START, E820_RAM)
+        );
     }
 
     #[test]

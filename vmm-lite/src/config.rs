@@ -62,6 +62,8 @@ pub struct VmConfig {
     pub allow_pvm: bool,
     /// Suppress informational log lines.
     pub quiet: bool,
+    /// Destroy the VM before exiting instead of in a detached helper.
+    pub sync_teardown: bool,
 }
 
 /// Configuration errors, each naming the option.
@@ -111,6 +113,8 @@ pub struct RawConfig {
     pub allow_pvm: bool,
     /// --quiet
     pub quiet: bool,
+    /// --sync-teardown
+    pub sync_teardown: bool,
 }
 
 impl VmConfig {
@@ -157,6 +161,7 @@ impl VmConfig {
             metrics: raw.metrics,
             allow_pvm: raw.allow_pvm,
             quiet: raw.quiet,
+            sync_teardown: raw.sync_teardown,
         })
     }
 }
@@ -177,13 +182,23 @@ mod tests {
     #[test]
     fn validates_ranges() {
         assert!(VmConfig::from_raw(raw()).is_ok());
-        let r = RawConfig { mem_mib: 1, ..raw() };
+        let r = RawConfig {
+            mem_mib: 1,
+            ..raw()
+        };
         assert_eq!(VmConfig::from_raw(r).unwrap_err(), ConfigError::MemSize(1));
         let r = RawConfig { vcpus: 0, ..raw() };
         assert_eq!(VmConfig::from_raw(r).unwrap_err(), ConfigError::Vcpus(0));
-        let r = RawConfig { vsock_cid: Some(2), vsock_uds: Some("/tmp/v".into()), ..raw() };
+        let r = RawConfig {
+            vsock_cid: Some(2),
+            vsock_uds: Some("/tmp/v".into()),
+            ..raw()
+        };
         assert_eq!(VmConfig::from_raw(r).unwrap_err(), ConfigError::Cid(2));
-        let r = RawConfig { vsock_cid: Some(3), ..raw() };
+        let r = RawConfig {
+            vsock_cid: Some(3),
+            ..raw()
+        };
         assert_eq!(VmConfig::from_raw(r).unwrap_err(), ConfigError::VsockHalf);
     }
 

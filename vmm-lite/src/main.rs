@@ -52,6 +52,10 @@ struct Cli {
     /// Do not log informational lines (boot-timer) to stderr.
     #[arg(long)]
     quiet: bool,
+    /// Destroy the VM before exiting (default: a detached helper finishes the slow KVM
+    /// teardown after this process has exited).
+    #[arg(long)]
+    sync_teardown: bool,
 }
 
 fn main() {
@@ -71,6 +75,7 @@ fn main() {
         metrics: cli.metrics,
         allow_pvm: cli.allow_pvm,
         quiet: cli.quiet,
+        sync_teardown: cli.sync_teardown,
     };
     let cfg = match VmConfig::from_raw(raw) {
         Ok(c) => c,

@@ -17,7 +17,9 @@ impl Phase {
     /// Records the phase now, unless it was already recorded.
     pub fn mark(&self, start: Instant) {
         let ns = start.elapsed().as_nanos() as u64 + 1;
-        let _ = self.0.compare_exchange(0, ns, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self
+            .0
+            .compare_exchange(0, ns, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Microseconds since process start, if recorded.

@@ -179,7 +179,8 @@ pub fn create_vcpu(
         .map_err(|e| VstateError::CreateVcpu(id, e))?;
     let mut cpuid = cpuid.clone();
     filter_cpuid(&mut cpuid, id, count);
-    vcpu.set_cpuid2(&cpuid).map_err(cfg_err(id, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(cfg_err(id, "KVM_SET_CPUID2"))?;
 
     let entries = [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -200,7 +201,8 @@ pub fn create_vcpu(
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&list).map_err(|_| VstateError::PartialMsrs(id, 0, list.len()))?;
+    let msrs =
+        Msrs::from_entries(&list).map_err(|_| VstateError::PartialMsrs(id, 0, list.len()))?;
     let n = vcpu.set_msrs(&msrs).map_err(cfg_err(id, "KVM_SET_MSRS"))?;
     if n != list.len() {
         return Err(VstateError::PartialMsrs(id, n, list.len()));
@@ -218,7 +220,8 @@ pub fn create_vcpu(
             lapic.regs[off + i] = *x as _;
         }
     }
-    vcpu.set_lapic(&lapic).map_err(cfg_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(cfg_err(id, "KVM_SET_LAPIC"))?;
 
     let fpu = kvm_fpu {
         fcw: 0x37f,
@@ -322,7 +325,9 @@ pub fn run_vcpu(
             Ok(VcpuExit::InternalError) => {
                 e.error.inc();
                 let regs = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                eprintln!("vmm-lite: vCPU {id}: KVM internal error (emulation failure) at rip {regs:#x}");
+                eprintln!(
+                    "vmm-lite: vCPU {id}: KVM internal error (emulation failure) at rip {regs:#x}"
+                );
                 exit.request("vcpu-error", 2);
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {

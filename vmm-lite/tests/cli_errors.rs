@@ -21,7 +21,10 @@ fn vmm(args: &[&str]) -> (i32, String) {
 fn missing_kernel_is_named() {
     let (code, err) = vmm(&["--kernel", "/nonexistent/vmlinux"]);
     assert_eq!(code, 1);
-    assert!(err.contains("cannot read kernel image /nonexistent/vmlinux"), "{err}");
+    assert!(
+        err.contains("cannot read kernel image /nonexistent/vmlinux"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -64,13 +67,23 @@ fn truncated_images_are_corrupt() {
 fn initrd_errors_are_named() {
     let d = scratch();
     let k = bzimage(&d);
-    let (code, err) = vmm(&["--kernel", k.to_str().unwrap(), "--initrd", "/nonexistent/rd"]);
+    let (code, err) = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/rd",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read initrd /nonexistent/rd"), "{err}");
 
     let empty = d.join("empty.rd");
     std::fs::write(&empty, b"").unwrap();
-    let (_, err) = vmm(&["--kernel", k.to_str().unwrap(), "--initrd", empty.to_str().unwrap()]);
+    let (_, err) = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        empty.to_str().unwrap(),
+    ]);
     assert!(err.contains("is empty"), "{err}");
 }
 
@@ -152,7 +165,14 @@ fn no_dev_kvm_and_no_permission_are_named() {
         return;
     }
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", VMM, "--kernel", "/x"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            VMM,
+            "--kernel",
+            "/x",
+        ])
         .args(["--serial-out", "none"])
         .output();
     match out {

@@ -16,8 +16,16 @@ fn phase(m: &serde_json::Value, name: &str) -> f64 {
 fn check_clean_boot(r: &Run, banner: &str) {
     assert_eq!(r.code(), 0, "stderr: {}", r.stderr());
     assert!(r.serial.contains(banner), "serial: {:?}", r.serial);
-    assert!(r.serial.contains("console=ttyS0"), "cmdline not passed: {:?}", r.serial);
-    assert!(r.serial.contains("sandscope.test=1"), "user cmdline missing: {:?}", r.serial);
+    assert!(
+        r.serial.contains("console=ttyS0"),
+        "cmdline not passed: {:?}",
+        r.serial
+    );
+    assert!(
+        r.serial.contains("sandscope.test=1"),
+        "user cmdline missing: {:?}",
+        r.serial
+    );
     let m = r.metrics();
     assert_eq!(m["exit"]["reason"], "i8042-reset");
     assert_eq!(m["exit"]["code"], 0);
@@ -27,10 +35,16 @@ fn check_clean_boot(r: &Run, banner: &str) {
         phase(m, "first_kvm_run_us"),
         phase(m, "boot_timer_us"),
     );
-    assert!(mem <= kern && kern <= run && run <= timer, "phases out of order: {m}");
+    assert!(
+        mem <= kern && kern <= run && run <= timer,
+        "phases out of order: {m}"
+    );
     assert!(m["vcpu_exits"]["io_out"].as_u64().unwrap() >= r.serial.len() as u64);
     assert!(m["vcpu_exits"]["mmio_write"].as_u64().unwrap() >= 1);
-    assert_eq!(m["serial"]["tx_bytes"].as_u64().unwrap(), r.serial.len() as u64);
+    assert_eq!(
+        m["serial"]["tx_bytes"].as_u64().unwrap(),
+        r.serial.len() as u64
+    );
 }
 
 #[test]
@@ -40,7 +54,15 @@ fn elf64_boot_protocol_prints_cmdline_and_hits_boot_timer() {
     }
     let d = scratch();
     let k = elf64(&d, &[]);
-    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--cmdline", "sandscope.test=1"]);
+    let r = run_vmm(
+        &d,
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cmdline",
+            "sandscope.test=1",
+        ],
+    );
     check_clean_boot(&r, "elf64 guest: cmdline=");
     assert!(r.stderr().contains("boot-timer"), "{}", r.stderr());
 }
@@ -52,7 +74,15 @@ fn pvh_elf_note_entry_boots() {
     }
     let d = scratch();
     let k = pvh(&d);
-    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--cmdline", "sandscope.test=1"]);
+    let r = run_vmm(
+        &d,
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cmdline",
+            "sandscope.test=1",
+        ],
+    );
     check_clean_boot(&r, "pvh guest: cmdline=");
 }
 
@@ -63,7 +93,15 @@ fn bzimage_boot_protocol_boots() {
     }
     let d = scratch();
     let k = bzimage(&d);
-    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--cmdline", "sandscope.test=1"]);
+    let r = run_vmm(
+        &d,
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cmdline",
+            "sandscope.test=1",
+        ],
+    );
     check_clean_boot(&r, "bzimage guest: cmdline=");
 }
 
@@ -78,8 +116,16 @@ fn initrd_is_placed_and_boot_still_works() {
     std::fs::write(&rd, vec![0x5a; 300 * 1024]).unwrap();
     let r = run_vmm(
         &d,
-        &["--kernel", k.to_str().unwrap(), "--initrd", rd.to_str().unwrap(), "--mem-mib", "8",
-          "--cmdline", "sandscope.test=1"],
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            rd.to_str().unwrap(),
+            "--mem-mib",
+            "8",
+            "--cmdline",
+            "sandscope.test=1",
+        ],
     );
     check_clean_boot(&r, "bzimage guest");
 }
@@ -118,7 +164,11 @@ fn bad_guest_mmio_and_ports_are_contained_and_counted() {
     let k = elf64(&d, &["BAD_MMIO"]);
     let r = run_vmm(&d, &["--kernel", k.to_str().unwrap()]);
     assert_eq!(r.code(), 0, "stderr: {}", r.stderr());
-    assert!(r.metrics()["guest_errors"]["bad_io"].as_u64().unwrap() >= 4, "{}", r.metrics());
+    assert!(
+        r.metrics()["guest_errors"]["bad_io"].as_u64().unwrap() >= 4,
+        "{}",
+        r.metrics()
+    );
 }
 
 #[test]
@@ -128,7 +178,17 @@ fn two_vcpus_boot() {
     }
     let d = scratch();
     let k = elf64(&d, &[]);
-    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--vcpus", "2", "--mem-mib", "64"]);
+    let r = run_vmm(
+        &d,
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "64",
+        ],
+    );
     assert_eq!(r.code(), 0, "stderr: {}", r.stderr());
     assert!(r.serial.contains("elf64 guest"));
 }
@@ -142,7 +202,14 @@ fn sigusr1_dumps_metrics_and_sigterm_stops() {
     let k = elf64(&d, &["SPIN"]);
     let metrics = d.join("m.json");
     let mut child = Command::new(VMM)
-        .args(["--kernel", k.to_str().unwrap(), "--serial-out", "none", "--quiet", "--metrics"])
+        .args([
+            "--kernel",
+            k.to_str().unwrap(),
+            "--serial-out",
+            "none",
+            "--quiet",
+            "--metrics",
+        ])
         .arg(&metrics)
         .stderr(Stdio::piped())
         .spawn()
@@ -172,4 +239,86 @@ fn sigusr1_dumps_metrics_and_sigterm_stops() {
     assert_eq!(st.code(), Some(128 + libc::SIGTERM));
     let fin: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
     assert_eq!(fin["exit"]["reason"], "signal");
+}
+
+#[test]
+fn detached_teardown_helper_exits_and_holds_no_host_fds() {
+    if !kvm_available("teardown") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &[]);
+    let kp = k.to_str().unwrap().to_string();
+    // stdout/stderr are pipes: reading them to EOF returns once the VMM exits, because the
+    // helper closed its copies.
+    let out = Command::new(VMM)
+        .args(["--kernel", &kp, "--serial-out", "-", "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("elf64 guest"));
+    // The helper (same command line) is gone shortly after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .any(|c| String::from_utf8_lossy(&c).contains(&kp));
+        if !alive {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "teardown helper still alive"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn serial_input_from_unix_socket_reaches_the_uart() {
+    if !kvm_available("serial-in") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &["SPIN"]);
+    let sock = d.join("serial.sock");
+    let metrics = d.join("m.json");
+    let mut child = Command::new(VMM)
+        .args(["--kernel", k.to_str().unwrap(), "--serial-out", "none", "--quiet"])
+        .arg("--serial-in")
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--metrics")
+        .arg(&metrics)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    std::io::Write::write_all(&mut s, b"abc").unwrap();
+    let mut rx = 0;
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(10));
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+        std::thread::sleep(Duration::from_millis(5));
+        if let Ok(b) = std::fs::read(&metrics) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                rx = v["serial"]["rx_bytes"].as_u64().unwrap_or(0);
+                if rx == 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(rx, 3, "bytes from the socket are fed to the UART");
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM));
+    assert!(!sock.exists(), "serial socket removed on exit");
 }

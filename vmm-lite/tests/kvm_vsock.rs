@@ -38,7 +38,13 @@ fn tiny_guest_vsock_driver_connects_out_and_accepts_host_connect() {
     let metrics = d.join("m.json");
     let serial = d.join("serial.out");
     let mut child = Command::new(VMM)
-        .args(["--kernel", k.to_str().unwrap(), "--vsock-cid", "3", "--vsock-uds"])
+        .args([
+            "--kernel",
+            k.to_str().unwrap(),
+            "--vsock-cid",
+            "3",
+            "--vsock-uds",
+        ])
         .arg(&uds)
         .arg("--metrics")
         .arg(&metrics)
@@ -84,7 +90,12 @@ fn tiny_guest_vsock_driver_connects_out_and_accepts_host_connect() {
 
     let st = child.wait().unwrap();
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let out = std::fs::read_to_string(&serial).unwrap();
     assert_eq!(st.code(), Some(0), "serial: {out}\nstderr: {err}");
     assert!(out.contains("vsock guest: done"), "{out}");

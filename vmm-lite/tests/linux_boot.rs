@@ -25,7 +25,10 @@ fn boots_real_linux_kernel_on_hardware_kvm() {
     let k = kernel.to_str().expect("utf-8 kernel path");
     // No init: the kernel panics after mounting nothing, and panic=1 + reboot=k brings it
     // back through the i8042 reset, which ends the VMM with status 0.
-    let r = run_vmm(&d, &["--kernel", k, "--mem-mib", "256", "--cmdline", "panic=1"]);
+    let r = run_vmm(
+        &d,
+        &["--kernel", k, "--mem-mib", "256", "--cmdline", "panic=1"],
+    );
     assert!(r.serial.contains("Linux version"), "serial: {}", r.serial);
     assert_eq!(r.code(), 0, "stderr: {}", r.stderr());
     assert!(r.metrics()["phases"]["first_kvm_run_us"].is_f64());

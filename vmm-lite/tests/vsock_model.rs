@@ -40,7 +40,8 @@ impl VsockBackend for Fake {
         };
         pkt.hdr = p.hdr;
         pkt.data.clear();
-        pkt.data.extend_from_slice(&p.data[..p.data.len().min(max_data)]);
+        pkt.data
+            .extend_from_slice(&p.data[..p.data.len().min(max_data)]);
         true
     }
     fn has_pending_rx(&self) -> bool {
@@ -88,7 +89,7 @@ impl<B: VsockBackend> Guest<B> {
             rx_bufs: HashMap::new(),
             next_buf: 0x10_0000,
             irq: irq_fd,
-}
+        }
     }
 
     fn alloc(&mut self, len: u64) -> u64 {
@@ -113,7 +114,8 @@ impl<B: VsockBackend> Guest<B> {
         let a = self.alloc((HDR_SIZE + data.len()) as u64);
         let mem = &self.drv.mem;
         mem.write_slice(&hdr.to_bytes(), GuestAddress(a)).unwrap();
-        mem.write_slice(data, GuestAddress(a + HDR_SIZE as u64)).unwrap();
+        mem.write_slice(data, GuestAddress(a + HDR_SIZE as u64))
+            .unwrap();
         // Header and payload in separate descriptors, as Linux does.
         let mut bufs = vec![(a, HDR_SIZE as u32, false)];
         if !data.is_empty() {
@@ -214,7 +216,11 @@ fn mmio_wrong_width_and_unknown_registers_are_counted_not_fatal() {
 fn feature_negotiation_requires_version_1_and_no_unknown_bits() {
     let mut g = Guest::with_init(Fake::default(), false);
     wreg(&mut g, mmio::REG_DEVICE_FEATURES_SEL, 1);
-    assert_eq!(reg(&mut g, mmio::REG_DEVICE_FEATURES), 1, "VERSION_1 offered");
+    assert_eq!(
+        reg(&mut g, mmio::REG_DEVICE_FEATURES),
+        1,
+        "VERSION_1 offered"
+    );
     wreg(&mut g, mmio::REG_DEVICE_FEATURES_SEL, 0);
     assert_eq!(reg(&mut g, mmio::REG_DEVICE_FEATURES), 0);
 
@@ -241,7 +247,11 @@ fn feature_negotiation_requires_version_1_and_no_unknown_bits() {
 fn queue_setup_only_between_features_ok_and_driver_ok() {
     let mut g = Guest::with_init(Fake::default(), false);
     // Before FEATURES_OK: queue registers are ignored.
-    wreg(&mut g, mmio::REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    wreg(
+        &mut g,
+        mmio::REG_STATUS,
+        status::ACKNOWLEDGE | status::DRIVER,
+    );
     wreg(&mut g, mmio::REG_QUEUE_SEL, 0);
     wreg(&mut g, mmio::REG_QUEUE_READY, 1);
     assert_eq!(reg(&mut g, mmio::REG_QUEUE_READY), 0);
@@ -306,7 +316,10 @@ fn tx_header_split_across_descriptors_is_reassembled() {
     g.drv.mem.write_slice(&h, GuestAddress(a)).unwrap();
     g.drv.mem.write_slice(b"xyz", GuestAddress(a + 44)).unwrap();
     // 10 + 30 + (4 header bytes + 3 data) descriptors.
-    g.drv.add_chain(TXQ, &[(a, 10, false), (a + 10, 30, false), (a + 40, 7, false)]);
+    g.drv.add_chain(
+        TXQ,
+        &[(a, 10, false), (a + 10, 30, false), (a + 40, 7, false)],
+    );
     g.t.device_mut().process_queue_event(TXQ);
     let sent = &g.t.device().backend().sent;
     assert_eq!(sent.len(), 1);
@@ -352,8 +365,14 @@ fn rx_waits_for_guest_buffers() {
 }
 
 fn assert_malformed(g: &mut Guest<Fake>, before: u64) {
-    assert!(g.metrics.vsock.malformed.get() > before, "malformed not counted");
-    assert!(g.t.device().backend().sent.is_empty(), "nothing reaches the backend");
+    assert!(
+        g.metrics.vsock.malformed.get() > before,
+        "malformed not counted"
+    );
+    assert!(
+        g.t.device().backend().sent.is_empty(),
+        "nothing reaches the backend"
+    );
 }
 
 #[test]
@@ -377,9 +396,13 @@ fn malformed_tx_chains_are_contained() {
 
     // Huge length field.
     let big = hdr(op::RW, 1, 52, u32::MAX).to_bytes();
-    g.drv.mem.write_slice(&big, GuestAddress(a + 0x1000)).unwrap();
+    g.drv
+        .mem
+        .write_slice(&big, GuestAddress(a + 0x1000))
+        .unwrap();
     let m = g.metrics.vsock.malformed.get();
-    g.drv.add_chain(TXQ, &[(a + 0x1000, 44, false), (a, 0xffff_ffff, false)]);
+    g.drv
+        .add_chain(TXQ, &[(a + 0x1000, 44, false), (a, 0xffff_ffff, false)]);
     g.t.device_mut().process_queue_event(TXQ);
     assert_malformed(&mut g, m);
 
@@ -433,7 +456,10 @@ fn malformed_rx_chains_are_returned_unused() {
     let used = g.drv.take_used(RXQ);
     assert_eq!(used, vec![(0, 0), (1, 0)]);
     assert_eq!(g.metrics.vsock.malformed.get(), 2);
-    assert!(g.t.device().backend().has_pending_rx(), "packet kept for a good buffer");
+    assert!(
+        g.t.device().backend().has_pending_rx(),
+        "packet kept for a good buffer"
+    );
 }
 
 #[test]
@@ -486,7 +512,7 @@ fn collect_rx(g: &mut Guest<VsockMuxer>) -> Vec<VsockPacket> {
     p
 }
 
-fn listen_port(uds: &PathBuf, port: u32) -> UnixListener {
+fn listen_port(uds: &std::path::Path, port: u32) -> UnixListener {
     let p = format!("{}_{port}", uds.display());
     let _ = std::fs::remove_file(&p);
     UnixListener::bind(p).unwrap()
@@ -667,7 +693,10 @@ fn host_gets_credit_updates_as_it_drains() {
             }
         }
     }
-    assert!(seen_update, "credit update sent after a quarter of the buffer");
+    assert!(
+        seen_update,
+        "credit update sent after a quarter of the buffer"
+    );
     assert!(fwd >= CONN_BUF_ALLOC / 4);
 }
 

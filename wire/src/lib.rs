@@ -76,6 +76,48 @@ impl_from_body!(
     Shutdown
 );
 
+/// How the probe runs a function's handler. Chosen in the agent's config, passed on the
+/// probe's command line, reported back in [`Hello::handler_kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandlerKind {
+    /// `/bin/sh -c HANDLER` once per invoke; payload on stdin, response on stdout.
+    Exec,
+    /// `/bin/sh -c HANDLER` once per sandbox, speaking `sandscope-lines/1`.
+    Persistent,
+}
+
+impl HandlerKind {
+    /// The name used in config, on the command line and in Hello.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerKind::Exec => "exec",
+            HandlerKind::Persistent => "persistent",
+        }
+    }
+
+    /// Parse a name produced by [`HandlerKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "exec" => Some(HandlerKind::Exec),
+            "persistent" => Some(HandlerKind::Persistent),
+            _ => None,
+        }
+    }
+}
+
+/// Format an error with its `source()` chain: `outer: inner: innermost`. Used wherever an
+/// error reaches a person (probe stderr, API bodies, CLI output).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Cut `line` to at most `max` bytes on a char boundary; returns whether it was cut.
 pub fn truncate_line(line: &mut String, max: usize) -> bool {
     if line.len() <= max {

@@ -64,7 +64,8 @@ pub async fn start_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let driver = make_driver(&cfg);
-    let agent = Agent::with_driver(cfg, driver, "test driver".into());
+    let agent = Agent::with_driver(cfg, driver, "test driver".into())
+        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(host_agent::api::serve(agent.clone(), listener, async {
         let _ = rx.await;

@@ -26,7 +26,9 @@ pub fn scratch() -> PathBuf {
 }
 
 fn run_tool(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed:\n{}",
@@ -50,11 +52,23 @@ pub fn build_guest(dir: &Path, name: &str, srcs: &[&str], defines: &[&str], kind
     for (i, s) in srcs.iter().enumerate() {
         let obj = dir.join(format!("{name}.{i}.o"));
         let mut c = Command::new("gcc");
-        c.args(["-c", "-m64", "-ffreestanding", "-fno-pic", "-fno-pie", "-nostdlib"])
-            .args(["-Os", "-mgeneral-regs-only", "-mno-red-zone", "-fno-stack-protector"])
-            .args(["-fno-asynchronous-unwind-tables", "-mcmodel=small"])
-            .arg("-I")
-            .arg(&g);
+        c.args([
+            "-c",
+            "-m64",
+            "-ffreestanding",
+            "-fno-pic",
+            "-fno-pie",
+            "-nostdlib",
+        ])
+        .args([
+            "-Os",
+            "-mgeneral-regs-only",
+            "-mno-red-zone",
+            "-fno-stack-protector",
+        ])
+        .args(["-fno-asynchronous-unwind-tables", "-mcmodel=small"])
+        .arg("-I")
+        .arg(&g);
         for d in defines {
             c.arg(format!("-D{d}"));
         }
@@ -64,7 +78,13 @@ pub fn build_guest(dir: &Path, name: &str, srcs: &[&str], defines: &[&str], kind
     }
     let out = dir.join(name);
     let mut l = Command::new("ld");
-    l.args(["--no-warn-rwx-segments", "-z", "noexecstack", "-nostdlib", "-static"]);
+    l.args([
+        "--no-warn-rwx-segments",
+        "-z",
+        "noexecstack",
+        "-nostdlib",
+        "-static",
+    ]);
     match kind {
         Kind::Elf => l.arg("-T").arg(g.join("elf.ld")),
         Kind::BzImage => l
@@ -163,5 +183,11 @@ pub fn run_vmm(dir: &Path, args: &[&str]) -> Run {
 
 /// The tiny guest with a virtio-mmio vsock driver (entry64.S + vsock_guest.c).
 pub fn vsock_guest(dir: &Path) -> PathBuf {
-    build_guest(dir, "vsock_guest", &["entry64.S", "vsock_guest.c"], &[], Kind::Elf)
+    build_guest(
+        dir,
+        "vsock_guest",
+        &["entry64.S", "vsock_guest.c"],
+        &[],
+        Kind::Elf,
+    )
 }

@@ -254,7 +254,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW | REG_QUEUE_USED_HIGH
                 if self.queue_config_allowed() =>
             {
-                let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                let (lo, hi) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
                 if let Some(q) = self.selected_queue() {
                     match offset & !4 {
                         REG_QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
@@ -274,7 +278,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             REG_INTERRUPT_ACK => self.interrupt.ack(v),
             REG_STATUS => self.write_status(v),
-            _ => self.bad("write to unknown register or in the wrong device state", offset),
+            _ => self.bad(
+                "write to unknown register or in the wrong device state",
+                offset,
+            ),
         }
     }
 
@@ -314,7 +321,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             }
             if !self.activated {
-                self.queues = maxes.into_iter().filter_map(|m| Queue::new(m).ok()).collect();
+                self.queues = maxes
+                    .into_iter()
+                    .filter_map(|m| Queue::new(m).ok())
+                    .collect();
             }
         }
     }

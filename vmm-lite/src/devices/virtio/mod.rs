@@ -74,8 +74,11 @@ pub trait VirtioDevice: Send {
     /// Writes device configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the device with the driver's queues.
-    fn activate(&mut self, queues: Vec<Queue>, interrupt: Arc<Interrupt>)
-        -> Result<(), ActivateError>;
+    fn activate(
+        &mut self,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
     /// Resets the device, returning it to the pre-activation state.
     fn reset(&mut self);
     /// Signals the used-ring interrupt if the device produced used entries since last call.

@@ -118,7 +118,11 @@ impl TestDriver {
         let head = q.next_desc;
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let idx = (head + i as u16) % q.size;
-            let next = if raw_next { next } else { (head + next) % q.size };
+            let next = if raw_next {
+                next
+            } else {
+                (head + next) % q.size
+            };
             let d = q.desc + 16 * u64::from(idx);
             self.mem.write_obj(addr, GuestAddress(d)).unwrap();
             self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();

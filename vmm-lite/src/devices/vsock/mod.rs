@@ -159,7 +159,10 @@ impl<B: VsockBackend> VsockDevice<B> {
                         );
                     } else {
                         self.metrics.vsock.tx_packets.inc();
-                        self.metrics.vsock.tx_bytes.add(self.tx_pkt.data.len() as u64);
+                        self.metrics
+                            .vsock
+                            .tx_bytes
+                            .add(self.tx_pkt.data.len() as u64);
                         self.backend.send_pkt(&self.tx_pkt);
                     }
                 }
