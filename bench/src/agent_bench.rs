@@ -601,6 +601,8 @@ pub fn throughput(
             "recorded (aggregator)",
             "samples dropped",
             "CPU busy (cores)",
+            "agent CPU/invoke",
+            "sandboxes CPU/invoke",
         ],
     );
     let load0 = sys::loadavg();
@@ -656,11 +658,20 @@ pub fn throughput(
                 .find(|f| f.name == "noop")
                 .map(|f| f.invocations)
                 .unwrap_or(0);
+            let sb_cpu = |a: &Arc<Agent>| -> u64 {
+                a.sandboxes_view()
+                    .sandboxes
+                    .iter()
+                    .map(|s| s.usage.cpu_us)
+                    .sum()
+            };
+            let (s0, a0) = (sb_cpu(&agent), sys::self_cpu_us());
             let j0 = sys::cpu_jiffies();
             let t0 = Instant::now();
             let (lat, errs) = run(Duration::from_secs_f64(secs)).await;
             let el = t0.elapsed();
             let j1 = sys::cpu_jiffies();
+            let (s1, a1) = (sb_cpu(&agent), sys::self_cpu_us());
             let snap = agent.stats().await;
             let recorded = snap
                 .functions
@@ -672,6 +683,7 @@ pub fn throughput(
             let dropped = snap.telemetry.dropped.get("samples").copied().unwrap_or(0);
             agent.shutdown().await;
             let s = Summary::of(lat);
+            let per = |d: u64| usf(d as f64 / s.n.max(1) as f64);
             anyhow::Ok(vec![
                 m.to_string(),
                 callers.to_string(),
@@ -683,6 +695,8 @@ pub fn throughput(
                 recorded.to_string(),
                 dropped.to_string(),
                 format!("{:.2}", sys::busy_cores(j0, j1, nproc)),
+                per(a1.saturating_sub(a0)),
+                per(s1.saturating_sub(s0)),
             ])
         })?;
         t.row(row);
@@ -695,7 +709,9 @@ pub fn throughput(
         "Telemetry on: every invoke records a Sample; the aggregator task drains into \
          hdrhistograms every 20 ms. `recorded` = invocations counted by the aggregator in the \
          timed window (equals `invokes` + errors when nothing is lost). CPU busy = whole machine \
-         (/proc/stat), including the other engineer's work."
+         (/proc/stat), including the other engineer's work. agent CPU = this process \
+         (agent + callers + aggregator, getrusage); sandboxes CPU = probe + runtime processes \
+         (the agent's per-sandbox usage from procfs), both per invoke."
             .to_string(),
     );
     Ok(vec![t])
@@ -750,22 +766,61 @@ pub fn decompose(work: &Work, n: usize, pinned: bool) -> anyhow::Result<Table> {
         }
         drop(stdin);
         let _ = child.wait();
-        anyhow::Ok((Summary::of(hop), Summary::of(procfs)))
+        // The agent reads the sandbox's OOM counter before every invoke (cgroup v1
+        // memory.oom_control, v2 memory.events); time the same read on a memory cgroup here.
+        let oom_file = [
+            "/sys/fs/cgroup/memory/sandscope/memory.oom_control",
+            "/sys/fs/cgroup/memory/memory.oom_control",
+            "/sys/fs/cgroup/memory.events",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+        let mut oom = Vec::new();
+        if let Some(f) = oom_file {
+            for _ in 0..n {
+                let t = Instant::now();
+                let txt = std::fs::read_to_string(f)?;
+                std::hint::black_box(txt.lines().find(|l| l.starts_with("oom_kill ")));
+                oom.push(us_of(t.elapsed()));
+            }
+        }
+        anyhow::Ok((
+            Summary::of(hop),
+            Summary::of(procfs),
+            Summary::of(oom),
+            oom_file,
+        ))
     })();
     sys::set_affinity(&before)?;
-    let (hop, procfs) = res?;
+    let (hop, procfs, oom, oom_file) = res?;
     let mut t = Table::new(
         format!(
             "Warm-path parts without agent or probe — {}",
-            if pinned { "pinned to CPU 0" } else { "unpinned" }
+            if pinned {
+                "pinned to CPU 0"
+            } else {
+                "unpinned"
+            }
         ),
         &SUMMARY_HEADER,
     );
-    t.summary_row("handler hop: pipe round trip to the noop runtime", &hop, usf);
+    t.summary_row(
+        "handler hop: pipe round trip to the noop runtime",
+        &hop,
+        usf,
+    );
     t.summary_row(
         "probe's per-invoke procfs work (clear_refs + 2x stat + status)",
         &procfs,
         usf,
     );
+    if let Some(f) = oom_file {
+        t.summary_row(
+            "agent's per-invoke OOM-counter read (cgroup file)",
+            &oom,
+            usf,
+        );
+        t.note(format!("OOM-counter file timed: {f}."));
+    }
     Ok(t)
 }

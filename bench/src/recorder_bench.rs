@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn sample(i: u64) -> Sample {
-    let mut s = Sample::new(0, i % 64 == 0, Outcome::Ok);
+    let mut s = Sample::new(0, i & 63 == 0, Outcome::Ok);
     s.total_us = 100 + (i & 255);
     s.set(Phase::Invoke, Duration::from_micros(80 + (i & 127)));
     s.max_rss_kib = 1024;

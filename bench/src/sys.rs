@@ -118,3 +118,15 @@ pub fn busy_cores(a: (u64, u64), b: (u64, u64), nproc: usize) -> f64 {
     }
     (total - idle) / total * nproc as f64
 }
+
+/// CPU time (user + system) of this process so far, µs.
+pub fn self_cpu_us() -> u64 {
+    // SAFETY: rusage is plain data; zeroed is valid, and getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}

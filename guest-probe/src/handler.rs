@@ -387,6 +387,72 @@ pub struct Persistent {
     exit: oneshot::Receiver<ExitInfo>,
     stderr_ctl: mpsc::Sender<StderrCtl>,
     last_stderr: Arc<Mutex<VecDeque<String>>>,
+    procfs: Option<ProcFiles>,
+}
+
+/// The runtime's procfs files, opened once. Per-invoke CPU and peak RSS are read with
+/// `pread` (no path lookups on the invoke path), the end-of-invoke CPU reading is the next
+/// invoke's baseline, and the peak is reset after the reply has gone out.
+#[derive(Debug)]
+struct ProcFiles {
+    stat: std::fs::File,
+    status: std::fs::File,
+    clear_refs: Option<std::fs::File>,
+    buf: Vec<u8>,
+    last: crate::procinfo::ProcStat,
+    peak_dirty: bool,
+}
+
+impl ProcFiles {
+    fn open(pid: i32) -> Option<Self> {
+        let f = |n: &str| std::fs::File::open(format!("/proc/{pid}/{n}")).ok();
+        let mut p = ProcFiles {
+            stat: f("stat")?,
+            status: f("status")?,
+            clear_refs: std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{pid}/clear_refs"))
+                .ok(),
+            buf: Vec::with_capacity(2048),
+            last: Default::default(),
+            peak_dirty: true,
+        };
+        p.last = p.read_stat().unwrap_or_default();
+        Some(p)
+    }
+
+    fn pread(file: &std::fs::File, buf: &mut Vec<u8>) -> Option<()> {
+        use std::os::unix::fs::FileExt;
+        buf.clear();
+        let mut chunk = [0u8; 2048];
+        loop {
+            let n = file.read_at(&mut chunk, buf.len() as u64).ok()?;
+            if n == 0 {
+                return Some(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn read_stat(&mut self) -> Option<crate::procinfo::ProcStat> {
+        Self::pread(&self.stat, &mut self.buf)?;
+        crate::procinfo::parse_proc_stat(std::str::from_utf8(&self.buf).ok()?)
+    }
+
+    fn vm_hwm_kib(&mut self) -> Option<u64> {
+        Self::pread(&self.status, &mut self.buf)?;
+        crate::procinfo::parse_status_kib(std::str::from_utf8(&self.buf).ok()?, "VmHWM")
+    }
+
+    /// Reset the peak RSS (`clear_refs` 5) if an invoke read it since the last reset.
+    fn reset_peak(&mut self) {
+        if std::mem::take(&mut self.peak_dirty) {
+            if let Some(f) = &self.clear_refs {
+                use std::os::unix::fs::FileExt;
+                let _ = f.write_at(b"5", 0);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for StderrCtl {
@@ -521,10 +587,6 @@ async fn emit(
     }
 }
 
-fn read_stat(pid: i32) -> Option<crate::procinfo::ProcStat> {
-    crate::procinfo::parse_proc_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
 impl Persistent {
     /// Spawn the runtime and wait (at most `init_timeout`) for its `ready` line.
     /// Errors are the reason to put in `Ready.error`.
@@ -550,13 +612,17 @@ impl Persistent {
             exit: sp.exit,
             stderr_ctl: ctl_tx,
             last_stderr: last,
+            procfs: None,
         };
         let deadline = tokio::time::sleep(init_timeout);
         tokio::pin!(deadline);
         let failure = loop {
             tokio::select! {
                 l = p.stdout.next(wire::MAX_LOG_LINE) => match l {
-                    Line::Text(t) if t.trim_ascii() == b"ready" => return Ok(p),
+                    Line::Text(t) if t.trim_ascii() == b"ready" => {
+                        p.procfs = ProcFiles::open(p.pid);
+                        return Ok(p);
+                    }
                     Line::Text(t) => {
                         let mut s = String::from_utf8_lossy(&t).into_owned();
                         let cut = wire::truncate_line(&mut s, wire::MAX_LOG_LINE);
@@ -606,6 +672,13 @@ impl Persistent {
         self.pid
     }
 
+    /// Work deferred until the reply has been sent: reset the peak-RSS counter.
+    pub fn after_reply(&mut self) {
+        if let Some(pf) = &mut self.procfs {
+            pf.reset_peak();
+        }
+    }
+
     /// Run one invoke. Returns the runtime if it can take more invokes.
     pub async fn invoke(mut self, inv: Invoke) -> (Option<Persistent>, InvokeResult) {
         let start = Instant::now();
@@ -617,8 +690,10 @@ impl Persistent {
             self.finish_dead();
             return (None, r);
         }
-        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5");
-        let before = read_stat(self.pid).unwrap_or_default();
+        if let Some(pf) = &mut self.procfs {
+            // Normally already done after the previous reply; covers the first invoke.
+            pf.reset_peak();
+        }
         let _ = self.stderr_ctl.send(StderrCtl::Begin(id.clone())).await;
 
         let mut line: Vec<u8> = inv
@@ -655,16 +730,16 @@ impl Persistent {
             }
         };
         r.duration_us = start.elapsed().as_micros() as u64;
-        let after = read_stat(self.pid);
-        let status_text = std::fs::read_to_string(format!("/proc/{}/status", self.pid));
-        if let Some(a) = after {
-            r.cpu_user_us =
-                crate::procinfo::ticks_to_us(a.utime_ticks.saturating_sub(before.utime_ticks));
-            r.cpu_system_us =
-                crate::procinfo::ticks_to_us(a.stime_ticks.saturating_sub(before.stime_ticks));
-        }
-        if let Ok(t) = status_text {
-            r.max_rss_kib = crate::procinfo::parse_status_kib(&t, "VmHWM").unwrap_or(0);
+        if let Some(pf) = &mut self.procfs {
+            if let Some(a) = pf.read_stat() {
+                let before = std::mem::replace(&mut pf.last, a);
+                r.cpu_user_us =
+                    crate::procinfo::ticks_to_us(a.utime_ticks.saturating_sub(before.utime_ticks));
+                r.cpu_system_us =
+                    crate::procinfo::ticks_to_us(a.stime_ticks.saturating_sub(before.stime_ticks));
+            }
+            r.max_rss_kib = pf.vm_hwm_kib().unwrap_or(0);
+            pf.peak_dirty = true;
         }
         let keep = match end {
             End::Response(Line::Text(t)) => {

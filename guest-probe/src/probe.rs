@@ -241,6 +241,9 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
                     };
                 }
                 outbox.result(result).await;
+                if let Slot::Persistent(p) = &mut slot {
+                    p.after_reply();
+                }
             }
             _ = sigterm.recv() => break SIGNAL_GRACE_MS,
             _ = sigint.recv() => break SIGNAL_GRACE_MS,

@@ -464,12 +464,7 @@ impl Agent {
         tracing::debug!(sandbox = %sb.id, "ending sandbox: {reason}");
         if !sb.frozen.load(Ordering::Acquire) && sb.link.is_alive() {
             sb.link.shutdown(reason, Duration::from_millis(100)).await;
-            for _ in 0..20 {
-                if sb.handle.exited() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            sb.handle.wait_exited(Duration::from_millis(100)).await;
         }
         sb.handle.destroy().await;
         self.metrics.sandboxes_ended.fetch_add(1, Ordering::Relaxed);
@@ -598,7 +593,6 @@ impl Agent {
         sb.count_invocation();
         let invoke_id = self.new_invoke_id();
         let timeout = pool.spec.timeout;
-        let oom_before = sb.handle.oom_kills();
         let t_send = Instant::now();
         let res = sb
             .link
@@ -619,7 +613,10 @@ impl Agent {
                 sample.max_rss_kib = r.max_rss_kib;
                 sample.cpu_us = r.cpu_user_us + r.cpu_system_us;
                 let status = r.status();
-                let oom = status != wire::InvokeStatus::Ok && sb.handle.oom_kills() > oom_before;
+                let oom = status != wire::InvokeStatus::Ok && {
+                    let n = sb.handle.oom_kills();
+                    n > sb.oom_seen.swap(n, Ordering::AcqRel)
+                };
                 match status {
                     // The OOM killer may hit the handler or one of its children; either way the
                     // cgroup's counter moved during this invocation.

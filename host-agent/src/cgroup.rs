@@ -388,7 +388,10 @@ impl SandboxCgroup {
 
     /// Remove the directories, waiting briefly for exiting processes to leave.
     pub async fn remove(&self) {
-        for _ in 0..200 {
+        // Exiting tasks leave the cgroup within a few ms; back off from 1 ms to 20 ms.
+        let mut pause = Duration::from_millis(1);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(3) {
             let mut busy = false;
             for d in &self.dirs {
                 if d.exists() && std::fs::remove_dir(d).is_err() {
@@ -398,7 +401,8 @@ impl SandboxCgroup {
             if !busy {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
         tracing::warn!(dirs = ?self.dirs, "sandbox cgroup still busy; left behind");
     }

@@ -72,6 +72,9 @@ pub struct Sandbox {
     pub freeze_lock: tokio::sync::Mutex<()>,
     /// Whether the cgroup is frozen right now.
     pub frozen: std::sync::atomic::AtomicBool,
+    /// OOM kills already attributed to an invocation (a new cgroup starts at 0, so the
+    /// counter is only read when an invocation fails).
+    pub oom_seen: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -114,6 +117,7 @@ impl Sandbox {
             }),
             freeze_lock: tokio::sync::Mutex::new(()),
             frozen: std::sync::atomic::AtomicBool::new(false),
+            oom_seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

@@ -10,6 +10,7 @@
 //! | 0x8ff0 | initial stack top |
 //! | 0x9000 | PML4, 0xa000 PDPT, 0xb000..0xf000 four page directories |
 //! | 0x20000 | kernel command line |
+//! | 0x9fc00 | MP floating pointer and configuration table (see [`crate::mptable`]) |
 //!
 //! The initial page tables identity-map the first 4 GiB with 2 MiB pages, so the MMIO window
 //! at 0xd000_0000 is reachable from a 64-bit guest without its own tables.
@@ -127,6 +128,9 @@ pub enum BootError {
     /// The command line is invalid or too long.
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
+    /// The MP table could not be built.
+    #[error("cannot set up the MP table: {0}")]
+    MpTable(String),
     /// Writing boot structures to guest memory failed.
     #[error("cannot write {what} to guest memory")]
     WriteMemory {
@@ -213,12 +217,25 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> BootError {
 }
 
 /// Inspects a kernel file: format, whether it is a standard Linux kernel, extent in memory.
+///
+/// A bzImage is judged from its first 64 KiB (setup header and `kernel_version` string); an
+/// ELF is read whole (program headers, and the banner search that tells Linux apart).
 pub fn inspect_kernel(path: &Path) -> Result<ImageInfo> {
-    let data = std::fs::read(path).map_err(|source| BootError::ReadKernel {
+    let rd = |source| BootError::ReadKernel {
         path: path.to_path_buf(),
         source,
-    })?;
-    inspect_kernel_bytes(path, &data)
+    };
+    let mut f = File::open(path).map_err(rd)?;
+    let len = f.metadata().map_err(rd)?.len();
+    let mut head = Vec::with_capacity(64 * 1024);
+    (&mut f)
+        .take(64 * 1024)
+        .read_to_end(&mut head)
+        .map_err(rd)?;
+    if head.starts_with(b"\x7fELF") && len > head.len() as u64 {
+        f.read_to_end(&mut head).map_err(rd)?;
+    }
+    inspect_image(path, &head, len)
 }
 
 fn u16_at(d: &[u8], off: usize) -> Option<u16> {
@@ -232,11 +249,27 @@ fn u64_at(d: &[u8], off: usize) -> Option<u64> {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    let mut i = 0;
+    while let Some(p) = hay[i..].iter().position(|&b| b == first) {
+        let at = i + p;
+        if hay.get(at + 1..at + 1 + rest.len()) == Some(rest) {
+            return true;
+        }
+        i = at + 1;
+    }
+    false
 }
 
 /// Like [`inspect_kernel`] on bytes already read.
 pub fn inspect_kernel_bytes(path: &Path, d: &[u8]) -> Result<ImageInfo> {
+    inspect_image(path, d, d.len() as u64)
+}
+
+/// `d` holds the start of the file (all of it for an ELF); `file_len` is its full length.
+fn inspect_image(path: &Path, d: &[u8], file_len: u64) -> Result<ImageInfo> {
     if d.is_empty() {
         return Err(corrupt(path, "the file is empty"));
     }
@@ -295,13 +328,13 @@ pub fn inspect_kernel_bytes(path: &Path, d: &[u8]) -> Result<ImageInfo> {
             n => n as u64,
         };
         let setup_size = (setup_sects + 1) * 512;
-        if (d.len() as u64) <= setup_size {
+        if file_len <= setup_size {
             return Err(corrupt(
                 path,
                 "bzImage is truncated (no protected-mode kernel)",
             ));
         }
-        let payload = d.len() as u64 - setup_size;
+        let payload = file_len - setup_size;
         let init_size = u32_at(d, 0x260).map(u64::from).unwrap_or(0);
         let kver = u16_at(d, 0x20e).unwrap_or(0);
         // A standard kernel points kernel_version at a "X.Y.Z ..." string in the setup code.
@@ -334,6 +367,8 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     /// Configured memory, for error messages.
     pub mem_mib: u32,
+    /// vCPU count, for the MP table.
+    pub vcpus: u8,
 }
 
 fn write_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> BootError {
@@ -411,6 +446,7 @@ pub fn load(mem: &GuestMem, spec: &BootSpec) -> Result<BootEntry> {
 
     write_gdt(mem)?;
     write_page_tables(mem)?;
+    crate::mptable::setup(mem, spec.vcpus).map_err(|e| BootError::MpTable(e.to_string()))?;
 
     let boot_info = match kind {
         EntryKind::Linux64 => {
@@ -646,6 +682,14 @@ mod tests {
         let mut elf = b"\x7fELF\x02".to_vec();
         elf.resize(20, 0);
         assert!(inspect_kernel_bytes(p, &elf).is_err());
+    }
+
+    #[test]
+    fn banner_search() {
+        assert!(contains(b"xxLinux version 6", b"Linux version "));
+        assert!(contains(b"LLinux version ", b"Linux version "));
+        assert!(!contains(b"Linux versio", b"Linux version "));
+        assert!(!contains(b"", b"L"));
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct VmConfig {
     pub quiet: bool,
     /// Destroy the VM before exiting instead of in a detached helper.
     pub sync_teardown: bool,
+    /// Control socket: `metrics` / `stop` requests, one line each.
+    pub control: Option<PathBuf>,
 }
 
 /// Configuration errors, each naming the option.
@@ -73,7 +75,7 @@ pub enum ConfigError {
     #[error("--mem-mib {0}: must be between {MIN_MEM_MIB} and 262144")]
     MemSize(u32),
     /// vCPUs out of range.
-    #[error("--vcpus {0}: must be between 1 and 64")]
+    #[error("--vcpus {0}: must be between 1 and {max}", max = crate::mptable::MAX_VCPUS)]
     Vcpus(u32),
     /// Reserved CID.
     #[error("--vsock-cid {0}: must be at least 3 and below 2^32-1 (0-2 are reserved)")]
@@ -115,6 +117,8 @@ pub struct RawConfig {
     pub quiet: bool,
     /// --sync-teardown
     pub sync_teardown: bool,
+    /// --control-sock
+    pub control: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -123,7 +127,7 @@ impl VmConfig {
         if raw.mem_mib < MIN_MEM_MIB || raw.mem_mib > 262_144 {
             return Err(ConfigError::MemSize(raw.mem_mib));
         }
-        if raw.vcpus == 0 || raw.vcpus > 64 {
+        if raw.vcpus == 0 || raw.vcpus > u32::from(crate::mptable::MAX_VCPUS) {
             return Err(ConfigError::Vcpus(raw.vcpus));
         }
         let vsock = match (raw.vsock_cid, raw.vsock_uds) {
@@ -162,6 +166,7 @@ impl VmConfig {
             allow_pvm: raw.allow_pvm,
             quiet: raw.quiet,
             sync_teardown: raw.sync_teardown,
+            control: raw.control,
         })
     }
 }

@@ -8,7 +8,8 @@
 //! Shape:
 //! - [`host`] probes the host (KVM present, accessible, PVM or hardware).
 //! - [`config`] turns raw CLI input into a validated [`config::VmConfig`].
-//! - [`boot`] places the kernel, initrd, command line and boot structures in guest memory.
+//! - [`boot`] places the kernel, initrd, command line and boot structures in guest memory;
+//!   [`mptable`] describes the vCPUs and interrupt routing for guests without ACPI.
 //! - [`vstate`] creates the VM and its vCPUs and runs them.
 //! - [`devices`] holds the device models. The virtio-vsock device is generic over its
 //!   backend ([`devices::vsock::VsockBackend`]) so it is tested without KVM.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod devices;
 pub mod host;
 pub mod metrics;
+pub mod mptable;
 pub mod ratelimit;
 pub mod vmm;
 pub mod vstate;

@@ -56,6 +56,10 @@ struct Cli {
     /// teardown after this process has exited).
     #[arg(long)]
     sync_teardown: bool,
+    /// Control socket: a client writes `metrics\n` (answered with the live metrics JSON on
+    /// one line) or `stop\n` (stops the VM, exit status 0).
+    #[arg(long)]
+    control_sock: Option<PathBuf>,
 }
 
 fn main() {
@@ -76,6 +80,7 @@ fn main() {
         allow_pvm: cli.allow_pvm,
         quiet: cli.quiet,
         sync_teardown: cli.sync_teardown,
+        control: cli.control_sock,
     };
     let cfg = match VmConfig::from_raw(raw) {
         Ok(c) => c,

@@ -207,6 +207,8 @@ const TOK_STDIN: u64 = 3;
 const TOK_SERIAL_LISTENER: u64 = 4;
 const TOK_SERIAL_CONN: u64 = 5;
 const TOK_VSOCK_BACKEND: u64 = 6;
+const TOK_CONTROL_LISTENER: u64 = 7;
+const TOK_CONTROL_CONN: u64 = 8;
 const TOK_VSOCK_QUEUE: u64 = 16;
 
 fn epoll_add(ep: &Epoll, fd: RawFd, tok: u64) -> Result<(), VmmError> {
@@ -278,6 +280,7 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
             initrd: cfg.initrd.as_deref(),
             cmdline: &cmdline,
             mem_mib: cfg.mem_mib,
+            vcpus: cfg.vcpus,
         },
     )?;
     metrics.kernel_loaded.mark(metrics.start);
@@ -323,6 +326,18 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
             epoll_add(&ep, l.as_raw_fd(), TOK_SERIAL_LISTENER)?;
             serial_listener = Some((l, p.clone()));
         }
+    }
+    let mut control_listener: Option<(UnixListener, PathBuf)> = None;
+    let mut control_conn: Option<(UnixStream, Vec<u8>)> = None;
+    if let Some(p) = &cfg.control {
+        let _ = std::fs::remove_file(p);
+        let l = UnixListener::bind(p).map_err(io_err(format!(
+            "cannot listen on control socket {}",
+            p.display()
+        )))?;
+        l.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
+        epoll_add(&ep, l.as_raw_fd(), TOK_CONTROL_LISTENER)?;
+        control_listener = Some((l, p.clone()));
     }
     if let Some(t) = &vsock_transport {
         let g = t.lock().unwrap_or_else(|e| e.into_inner());
@@ -390,6 +405,40 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
                         }
                     }
                 }
+                TOK_CONTROL_LISTENER => {
+                    if let Some((l, _)) = &control_listener {
+                        if let Ok((c, _)) = l.accept() {
+                            // One client at a time: a new one replaces the old.
+                            if let Some((old, _)) = control_conn.take() {
+                                let _ = ep.ctl(
+                                    ControlOperation::Delete,
+                                    old.as_raw_fd(),
+                                    EpollEvent::default(),
+                                );
+                            }
+                            if c.set_nonblocking(true).is_ok()
+                                && epoll_add(&ep, c.as_raw_fd(), TOK_CONTROL_CONN).is_ok()
+                            {
+                                control_conn = Some((c, Vec::new()));
+                            }
+                        }
+                    }
+                }
+                TOK_CONTROL_CONN => {
+                    let done = match control_conn.as_mut() {
+                        Some((c, buf)) => control_request(c, buf, &metrics, &exit),
+                        None => false,
+                    };
+                    if done {
+                        if let Some((c, _)) = control_conn.take() {
+                            let _ = ep.ctl(
+                                ControlOperation::Delete,
+                                c.as_raw_fd(),
+                                EpollEvent::default(),
+                            );
+                        }
+                    }
+                }
                 TOK_VSOCK_BACKEND => {
                     if let Some(t) = &vsock_transport {
                         let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
@@ -423,6 +472,9 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
         let _ = s.writer_mut().flush();
     }
     if let Some((_, p)) = &serial_listener {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some((_, p)) = &control_listener {
         let _ = std::fs::remove_file(p);
     }
     if let Some(v) = &cfg.vsock {
@@ -530,6 +582,44 @@ pub fn memory_report(mem: &GuestMem) -> serde_json::Value {
         "anon_bytes": anon,
         "anon_overhead_bytes": anon.saturating_sub(guest_resident),
     })
+}
+
+/// Longest control request line.
+const MAX_CONTROL_LINE: usize = 64;
+
+/// Serves one control request on a non-blocking stream: `metrics` answers the live metrics
+/// JSON on one line, `stop` stops the VM (exit code 0, reason `control-stop`). Returns true
+/// when the connection is finished.
+fn control_request(
+    c: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    metrics: &Metrics,
+    exit: &ExitHandle,
+) -> bool {
+    use std::io::Read;
+    let mut chunk = [0u8; MAX_CONTROL_LINE];
+    match c.read(&mut chunk) {
+        Ok(0) => return true,
+        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+        Err(_) => return true,
+    }
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        return buf.len() > MAX_CONTROL_LINE;
+    };
+    let reply = match String::from_utf8_lossy(&buf[..nl]).trim() {
+        "metrics" => format!("{}\n", metrics.to_json(None)),
+        "stop" => {
+            exit.request("control-stop", 0);
+            "ok\n".to_string()
+        }
+        other => format!("error: unknown command {other:?} (metrics, stop)\n"),
+    };
+    // The reply is small; give a slow reader 100 ms, never block the loop longer.
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+    let _ = c.write_all(reply.as_bytes());
+    true
 }
 
 /// Reads available input from `fd` into the UART FIFO. Returns false on EOF/error.

@@ -286,7 +286,13 @@ fn serial_input_from_unix_socket_reaches_the_uart() {
     let sock = d.join("serial.sock");
     let metrics = d.join("m.json");
     let mut child = Command::new(VMM)
-        .args(["--kernel", k.to_str().unwrap(), "--serial-out", "none", "--quiet"])
+        .args([
+            "--kernel",
+            k.to_str().unwrap(),
+            "--serial-out",
+            "none",
+            "--quiet",
+        ])
         .arg("--serial-in")
         .arg(format!("unix:{}", sock.display()))
         .arg("--metrics")
@@ -321,4 +327,68 @@ fn serial_input_from_unix_socket_reaches_the_uart() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM));
     assert!(!sock.exists(), "serial socket removed on exit");
+}
+
+#[test]
+fn mp_table_lists_every_vcpu() {
+    if !kvm_available("mptable") {
+        return;
+    }
+    let d = scratch();
+    let k = mpcount(&d);
+    for n in ["1", "4", "32"] {
+        let r = run_vmm(&d, &["--kernel", k.to_str().unwrap(), "--vcpus", n]);
+        assert_eq!(r.code().to_string(), n, "stderr: {}", r.stderr());
+        assert_eq!(r.metrics()["exit"]["reason"], "exit-port");
+    }
+}
+
+#[test]
+fn control_socket_serves_metrics_and_stop() {
+    if !kvm_available("control") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let d = scratch();
+    let k = elf64(&d, &["SPIN"]);
+    let sock = d.join("ctl.sock");
+    let mut child = Command::new(VMM)
+        .args([
+            "--kernel",
+            k.to_str().unwrap(),
+            "--serial-out",
+            "none",
+            "--quiet",
+        ])
+        .arg("--control-sock")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let ask = |cmd: &str| -> String {
+        let mut s = loop {
+            match std::os::unix::net::UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(cmd.as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        line
+    };
+    let mut doc = serde_json::Value::Null;
+    for _ in 0..500 {
+        doc = serde_json::from_str(&ask("metrics\n")).expect("one JSON line");
+        if doc["phases"]["boot_timer_us"].is_f64() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(doc["phases"]["boot_timer_us"].is_f64(), "{doc}");
+    assert!(doc["exit"].is_null());
+    assert!(ask("bogus\n").starts_with("error: unknown command"));
+    assert_eq!(ask("stop\n"), "ok\n");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(!sock.exists(), "control socket removed on exit");
 }

@@ -487,19 +487,34 @@ fn muxer_guest(tag: &str) -> (Guest<VsockMuxer>, PathBuf) {
     (g, uds)
 }
 
-/// Lets host-side events land, then runs the backend and collects guest packets.
+/// Lets host-side events land, then runs the backend and collects guest packets: waits up
+/// to 2 s for the first packet, then until the flow has been quiet for a few rounds.
 fn pump(g: &mut Guest<VsockMuxer>) -> Vec<VsockPacket> {
+    pump_for(g, 1000)
+}
+
+/// Like [`pump`] but gives up after ~40 ms: for asserting that nothing arrives.
+fn pump_quiet(g: &mut Guest<VsockMuxer>) -> Vec<VsockPacket> {
+    pump_for(g, 20)
+}
+
+fn pump_for(g: &mut Guest<VsockMuxer>, max_wait_rounds: usize) -> Vec<VsockPacket> {
     let mut out = Vec::new();
-    for _ in 0..20 {
+    let mut quiet = 0;
+    for _ in 0..max_wait_rounds {
         std::thread::sleep(Duration::from_millis(2));
         g.t.device_mut().process_backend_event();
         let got = g.recv();
         if !got.is_empty() {
+            quiet = 0;
             let n = got.len();
             out.extend(got);
             g.post_rx(n);
         } else if !out.is_empty() {
-            break;
+            quiet += 1;
+            if quiet >= 3 {
+                break;
+            }
         }
     }
     out
@@ -610,14 +625,14 @@ fn bad_connect_line_closes_host_stream() {
     let (mut g, uds) = muxer_guest("badc");
     let mut host = UnixStream::connect(&uds).unwrap();
     host.write_all(b"HELLO 5000\n").unwrap();
-    assert!(pump(&mut g).is_empty());
+    assert!(pump_quiet(&mut g).is_empty());
     host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut rest = Vec::new();
     assert_eq!(host.read_to_end(&mut rest).unwrap(), 0);
     // An over-long line without a newline is also refused.
     let mut host = UnixStream::connect(&uds).unwrap();
     host.write_all(&[b'C'; 100]).unwrap();
-    pump(&mut g);
+    pump_quiet(&mut g);
     host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     // Closed with unread bytes: EOF or ECONNRESET, never a hang.
     match host.read_to_end(&mut rest) {
@@ -639,7 +654,10 @@ fn flow_control_respects_guest_credit() {
     host.write_all(&vec![7u8; 5000]).unwrap();
     let got: usize = pump(&mut g).iter().map(|p| p.data.len()).sum();
     assert_eq!(got, 1000, "never more than the guest's credit");
-    assert!(pump(&mut g).is_empty(), "stalled until credit returns");
+    assert!(
+        pump_quiet(&mut g).is_empty(),
+        "stalled until credit returns"
+    );
     // Guest consumed 1000 bytes: credit update unblocks the next 1000.
     let mut cu = hdr(op::CREDIT_UPDATE, 2000, 60, 0);
     cu.buf_alloc = 1000;
@@ -772,4 +790,102 @@ fn stale_socket_is_replaced_at_start() {
     assert!(uds.exists());
     let m = VsockMuxer::new(GUEST_CID, &uds, Arc::new(Metrics::default()));
     assert!(m.is_ok(), "{:?}", m.err());
+}
+
+#[test]
+fn guest_refusing_host_connect_closes_host_stream() {
+    let (mut g, uds) = muxer_guest("refuse");
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.write_all(b"CONNECT 7000\n").unwrap();
+    let p = pump(&mut g);
+    assert_eq!(p[0].hdr.op, op::REQUEST);
+    // The guest has no listener on 7000: it answers RST.
+    g.send(hdr(op::RST, 7000, p[0].hdr.src_port, 0), b"");
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        host.read_to_end(&mut rest).unwrap(),
+        0,
+        "no OK line, just EOF"
+    );
+    assert_eq!(g.t.device().backend().conn_count(), 0);
+}
+
+#[test]
+fn large_transfer_both_directions_is_byte_exact() {
+    let (mut g, uds) = muxer_guest("large");
+    let l = listen_port(&uds, 64);
+    g.send(hdr(op::REQUEST, 3000, 64, 0), b"");
+    collect_rx(&mut g);
+    let (host, _) = l.accept().unwrap();
+    // Host -> guest: 1 MiB, the guest returning credit as it consumes.
+    let data: Vec<u8> = (0..1_048_576u32).map(|i| (i * 7 + 3) as u8).collect();
+    let writer = {
+        let mut h = host.try_clone().unwrap();
+        let d = data.clone();
+        std::thread::spawn(move || h.write_all(&d).unwrap())
+    };
+    let mut got = Vec::new();
+    for _ in 0..5000 {
+        for p in pump(&mut g) {
+            if p.hdr.op == op::RW {
+                got.extend_from_slice(&p.data);
+            }
+        }
+        let mut cu = hdr(op::CREDIT_UPDATE, 3000, 64, 0);
+        cu.fwd_cnt = got.len() as u32;
+        g.send(cu, b"");
+        if got.len() == data.len() {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert!(
+        got == data,
+        "host -> guest bytes differ ({} of {})",
+        got.len(),
+        data.len()
+    );
+    // Guest -> host: 1 MiB in 4 KiB packets.
+    let reader = {
+        let mut h = host.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; 1_048_576];
+            h.read_exact(&mut b).unwrap();
+            b
+        })
+    };
+    // Respect the muxer's credit like a real driver: track its fwd_cnt.
+    let (mut sent, mut host_fwd) = (0u32, 0u32);
+    for chunk in data.chunks(4096) {
+        let mut spins = 0;
+        while sent - host_fwd + chunk.len() as u32 > CONN_BUF_ALLOC {
+            spins += 1;
+            assert!(spins < 2000, "credit never returned");
+            g.t.device_mut().process_backend_event();
+            let mut got_any = false;
+            for p in collect_rx(&mut g) {
+                host_fwd = host_fwd.max(p.hdr.fwd_cnt);
+                got_any = true;
+            }
+            if !got_any {
+                g.send(hdr(op::CREDIT_REQUEST, 3000, 64, 0), b"");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        g.send(hdr(op::RW, 3000, 64, chunk.len() as u32), chunk);
+        sent += chunk.len() as u32;
+        for p in collect_rx(&mut g) {
+            host_fwd = host_fwd.max(p.hdr.fwd_cnt);
+        }
+    }
+    for _ in 0..200 {
+        if reader.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        g.t.device_mut().process_backend_event();
+    }
+    assert!(reader.join().unwrap() == data, "guest -> host bytes differ");
+    host.shutdown(std::net::Shutdown::Both).unwrap();
 }

@@ -17,6 +17,8 @@ pub struct Frame {
 /// (Open, Data, Resize, Signal, Exit) of the remote-shell issue.
 pub mod frame {
     /// What a frame carries.
+    // Hello is large but rare; boxing it would cost an allocation on every frame decode.
+    #[allow(clippy::large_enum_variant)]
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Body {
         /// probe -> agent, first frame on a link.

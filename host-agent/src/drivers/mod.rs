@@ -101,6 +101,20 @@ pub trait SandboxHandle: Send + Sync {
     fn oom_kills(&self) -> u64;
     /// Whether the sandbox process has exited.
     fn exited(&self) -> bool;
+    /// Wait until the sandbox process has exited, at most `limit`; true if it has.
+    /// Drivers with an exit notification override the polling default.
+    fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let t0 = Instant::now();
+            while !self.exited() {
+                if t0.elapsed() >= limit {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            true
+        })
+    }
     /// Last lines the sandbox process itself wrote (diagnostics for failed starts).
     fn diagnostics(&self) -> String;
     /// Kill everything and release resources. Idempotent.

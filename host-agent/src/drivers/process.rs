@@ -309,6 +309,19 @@ impl SandboxHandle for ProcSandbox {
         self.state.exited.load(Ordering::Acquire)
     }
 
+    fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let notified = self.state.exit_notify.notified();
+            tokio::pin!(notified);
+            // Register before checking the flag, so an exit in between is not missed.
+            notified.as_mut().enable();
+            if self.exited() {
+                return true;
+            }
+            tokio::time::timeout(limit, notified).await.is_ok() || self.exited()
+        })
+    }
+
     fn diagnostics(&self) -> String {
         let d = self.state.diag.lock().unwrap_or_else(|p| p.into_inner());
         d.iter().cloned().collect::<Vec<_>>().join("\n")
@@ -329,10 +342,7 @@ impl SandboxHandle for ProcSandbox {
                     }
                 }
             }
-            let notified = self.state.exit_notify.notified();
-            if !self.exited() {
-                let _ = tokio::time::timeout(Duration::from_secs(5), notified).await;
-            }
+            self.wait_exited(Duration::from_secs(5)).await;
             self.cg.remove().await;
             let _ = std::fs::remove_dir_all(&self.dir);
         })

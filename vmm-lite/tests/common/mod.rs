@@ -191,3 +191,8 @@ pub fn vsock_guest(dir: &Path) -> PathBuf {
         Kind::Elf,
     )
 }
+
+/// The guest that counts vCPUs in the MP table and exits with the count.
+pub fn mpcount(dir: &Path) -> PathBuf {
+    build_guest(dir, "mpcount", &["mpcount.S"], &[], Kind::Elf)
+}

@@ -67,12 +67,11 @@ struct Pending {
     response: bool,
     rw: bool,
     credit_update: bool,
-    shutdown: bool,
 }
 
 impl Pending {
     fn any(&self) -> bool {
-        self.request || self.response || self.rw || self.credit_update || self.shutdown
+        self.request || self.response || self.rw || self.credit_update
     }
 }
 
@@ -477,7 +476,7 @@ impl VsockMuxer {
                         hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
                         hdr.fwd_cnt = c.fwd_cnt.0;
                         c.last_fwd_cnt_sent = c.fwd_cnt;
-                        *pkt_hdr(pkt) = hdr;
+                        pkt.hdr = hdr;
                         self.update_interest(key);
                         return true;
                     }
@@ -498,7 +497,7 @@ impl VsockMuxer {
                         self.remove(key, false);
                         hdr.op = op::RST;
                         self.metrics.vsock.rst_sent.inc();
-                        *pkt_hdr(pkt) = hdr;
+                        pkt.hdr = hdr;
                         return true;
                     }
                 }
@@ -509,10 +508,6 @@ impl VsockMuxer {
         } else if p.credit_update {
             p.credit_update = false;
             hdr.op = op::CREDIT_UPDATE;
-        } else if p.shutdown {
-            p.shutdown = false;
-            hdr.op = op::SHUTDOWN;
-            hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
         } else {
             return false;
         }
@@ -572,10 +567,6 @@ impl VsockMuxer {
         }
         self.schedule(key);
     }
-}
-
-fn pkt_hdr(pkt: &mut VsockPacket) -> &mut VsockHeader {
-    &mut pkt.hdr
 }
 
 /// Parses `CONNECT <port>` (without the newline).
