@@ -684,6 +684,78 @@ mod tests {
         assert!(inspect_kernel_bytes(p, &elf).is_err());
     }
 
+    /// A minimal ELF64 with one PT_LOAD of 16 file bytes at 1 MiB and `memsz` in memory.
+    fn tiny_elf(memsz: u64) -> Vec<u8> {
+        let mut e = vec![0u8; 64 + 56 + 16];
+        e[0..5].copy_from_slice(b"\x7fELF\x02");
+        e[5] = 1; // little endian
+        e[6] = 1;
+        e[0x10] = 2; // ET_EXEC
+        e[0x12] = 62; // x86-64
+        e[0x18..0x20].copy_from_slice(&HIMEM_START.to_le_bytes()); // e_entry
+        e[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        e[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        e[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        e[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = &mut e[64..120];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[8..16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        ph[16..24].copy_from_slice(&HIMEM_START.to_le_bytes()); // p_vaddr
+        ph[24..32].copy_from_slice(&HIMEM_START.to_le_bytes()); // p_paddr
+        ph[32..40].copy_from_slice(&16u64.to_le_bytes()); // p_filesz
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes()); // p_memsz
+        e
+    }
+
+    #[test]
+    fn elf_larger_than_memory_is_refused_before_loading() {
+        let dir = std::env::temp_dir().join(format!("vmm-lite-boot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("big.elf");
+        std::fs::write(&k, tiny_elf(8 << 20)).unwrap();
+        let info = inspect_kernel(&k).unwrap();
+        assert_eq!(info.format, ImageFormat::Elf);
+        assert!(!info.is_linux);
+        assert_eq!(info.needs_up_to, HIMEM_START + (8 << 20));
+        let mem = create_memory(4).unwrap();
+        let spec = BootSpec {
+            kernel: &k,
+            info: &info,
+            initrd: None,
+            cmdline: "x",
+            mem_mib: 4,
+            vcpus: 1,
+        };
+        let e = load(&mem, &spec).unwrap_err();
+        assert!(matches!(e, BootError::MemoryTooSmall { .. }), "{e}");
+        // The same image with a small memsz loads and enters through the 64-bit protocol.
+        std::fs::write(&k, tiny_elf(16)).unwrap();
+        let info = inspect_kernel(&k).unwrap();
+        let entry = load(
+            &mem,
+            &BootSpec {
+                info: &info,
+                ..spec
+            },
+        )
+        .unwrap();
+        assert_eq!(entry.kind, EntryKind::Linux64);
+        assert_eq!(entry.entry, HIMEM_START);
+        assert_eq!(entry.boot_info, ZERO_PAGE_ADDR);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn elf_segment_past_end_of_file_is_corrupt() {
+        let mut e = tiny_elf(16);
+        e.truncate(125);
+        let err = inspect_kernel_bytes(Path::new("k"), &e).unwrap_err();
+        assert!(
+            err.to_string().contains("past the end of the file"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn banner_search() {
         assert!(contains(b"xxLinux version 6", b"Linux version "));

@@ -221,6 +221,11 @@ fn epoll_add(ep: &Epoll, fd: RawFd, tok: u64) -> Result<(), VmmError> {
 }
 
 /// Builds and runs a VM until it stops. Returns the stop reason (exit code inside).
+///
+/// Meant to be called once per process, from `main`: it blocks SIGUSR1/SIGTERM/SIGINT in the
+/// calling thread (they are read from a signalfd), leaves vCPU threads behind, and unless
+/// `sync_teardown` is set forks the teardown helper ([`detach_teardown`]). The caller should
+/// exit the process with the returned code.
 pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError> {
     let sigfd = signal_fd().map_err(io_err("cannot create signalfd"))?;
     let kind = host::kvm_kind();
@@ -519,7 +524,12 @@ pub fn detach_teardown(vm_fd: RawFd) {
             libc::close(p[1]);
             libc::dup2(vm_fd, 0);
             libc::dup2(p[0], 1);
-            libc::syscall(libc::SYS_close_range, 2u32, u32::MAX, 0u32);
+            if libc::syscall(libc::SYS_close_range, 2u32, u32::MAX, 0u32) != 0 {
+                // Kernels before 5.9: close what a VMM plausibly has open.
+                for fd in 2..4096 {
+                    libc::close(fd);
+                }
+            }
             let mut b = 0u8;
             while libc::read(1, (&mut b as *mut u8).cast(), 1) != 0 {}
             libc::_exit(0);

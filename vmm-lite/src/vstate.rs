@@ -164,6 +164,9 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// MTRRs enabled, default memory type write-back (else Linux maps RAM uncached).
+const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
 /// Creates and configures vCPU `id`. Only vCPU 0 gets boot registers; the others wait for
 /// INIT/SIPI from the guest (in-kernel LAPIC).
@@ -192,6 +195,7 @@ pub fn create_vcpu(
         (MSR_SYSCALL_MASK, 0),
         (MSR_LSTAR, 0),
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ];
     let list: Vec<kvm_msr_entry> = entries
         .iter()
