@@ -27,6 +27,9 @@ pub enum StartError {
     /// The JSON-lines output could not be opened.
     #[error("telemetry output")]
     Jsonl(#[from] exporters::jsonl::JsonlError),
+    /// The alert rules file is invalid.
+    #[error("alert rules")]
+    Rules(#[from] crate::alerts::RulesError),
 }
 
 /// Why an invocation did not reach the function.
@@ -119,6 +122,7 @@ pub struct Agent {
     host_id: String,
     ids: AtomicU64,
     jsonl: Option<JsonlSink>,
+    alerts: Arc<crate::alerts::Engine>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -192,6 +196,11 @@ impl Agent {
             .unwrap_or(1)
             ^ ((std::process::id() as u64) << 32);
         let (logs, _) = broadcast::channel(4096);
+        let alerts = crate::alerts::Engine::start(
+            cfg.rules.clone(),
+            cfg.rules_file.clone(),
+            logs.subscribe(),
+        )?;
         let agent = Arc::new(Agent {
             cfg,
             driver,
@@ -206,6 +215,7 @@ impl Agent {
             host_id,
             ids: AtomicU64::new(seed | 1),
             jsonl,
+            alerts,
         });
         agent.clone().spawn_reaper();
         for p in &agent.pools {
@@ -236,6 +246,11 @@ impl Agent {
     /// Subscribe to every function log line.
     pub fn subscribe_logs(&self) -> broadcast::Receiver<LogLine> {
         self.logs.subscribe()
+    }
+
+    /// The alert engine (rules, alarms, the `/v1/alerts` feed, reload).
+    pub fn alerts(&self) -> &Arc<crate::alerts::Engine> {
+        &self.alerts
     }
 
     /// The recorder (for benchmarks).
@@ -679,6 +694,14 @@ impl Agent {
         };
         sample.total_us = us(t0.elapsed());
         self.recorder.record(sample);
+        self.emit_platform(
+            &pool.spec,
+            &sb.id,
+            &invoke_id,
+            status,
+            &sample,
+            &error_message,
+        );
         if let Some(j) = &self.jsonl {
             j.send(InvokeRecord {
                 function: pool.spec.name.clone(),
@@ -842,8 +865,67 @@ impl Agent {
         })
     }
 
+    /// Put Lambda-style platform lines for one invocation on the log bus (stream
+    /// `platform`): `COLDSTART ...` when cold, `Task timed out ...` / `Runtime.OutOfMemory
+    /// ...` on those outcomes, then `REPORT ...`. Broadcast sends never block.
+    fn emit_platform(
+        &self,
+        spec: &FunctionSpec,
+        sandbox: &str,
+        invoke_id: &str,
+        status: Status,
+        sample: &Sample,
+        error_message: &str,
+    ) {
+        if self.logs.receiver_count() == 0 {
+            return;
+        }
+        let (function, sandbox): (Arc<str>, Arc<str>) = (spec.name.as_str().into(), sandbox.into());
+        let ts_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let send = |line: String| {
+            let _ = self.logs.send(LogLine {
+                sandbox: sandbox.clone(),
+                function: function.clone(),
+                seq: 0,
+                stream: "platform",
+                invoke_id: invoke_id.to_string(),
+                line,
+                ts_ms,
+                truncated: false,
+            });
+        };
+        let init_ms = sample.init_us().map(|v| v as f64 / 1000.0);
+        if let (true, Some(init)) = (sample.cold, init_ms) {
+            send(format!(
+                "COLDSTART function={} sandbox={sandbox} init_ms={init:.3}",
+                spec.name
+            ));
+        }
+        match status {
+            Status::Timeout => send(timeout_message(spec.timeout)),
+            Status::OutOfMemory => send(format!("Runtime.OutOfMemory: {error_message}")),
+            Status::Ok | Status::FunctionError => {}
+        }
+        let dur_ms = sample.phases_us[Phase::Invoke as usize] as f64 / 1000.0;
+        let mut report = format!(
+            "REPORT RequestId: {invoke_id}\tDuration: {dur_ms:.2} ms\tBilled Duration: {} ms\t\
+             Memory Size: {} MB\tMax Memory Used: {} MB",
+            dur_ms.ceil().max(1.0) as u64,
+            spec.memory_mb,
+            sample.max_rss_kib.div_ceil(1024),
+        );
+        if let (true, Some(init)) = (sample.cold, init_ms) {
+            report.push_str(&format!("\tInit Duration: {init:.2} ms"));
+        }
+        send(report);
+    }
+
     /// End every sandbox (agent shutdown).
     pub async fn shutdown(&self) {
+        self.alerts.stop();
         for sb in self.live_sandboxes() {
             self.destroy(&sb, "agent shutting down").await;
         }

@@ -23,6 +23,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/sandboxes/{id}", get(sandbox))
         .route("/v1/stats", get(stats))
         .route("/v1/health", get(health))
+        .route("/v1/alerts", get(alerts))
+        .route("/v1/rules/reload", post(reload_rules))
         .layer(DefaultBodyLimit::max(wire::MAX_PAYLOAD))
         .with_state(agent)
 }
@@ -193,4 +195,20 @@ async fn health(State(agent): State<Arc<Agent>>) -> Response {
     let (driver, why) = agent.driver();
     Json(serde_json::json!({"status": "ok", "driver": driver, "driver_reason": why}))
         .into_response()
+}
+
+async fn alerts(State(agent): State<Arc<Agent>>) -> Response {
+    Json(agent.alerts().view()).into_response()
+}
+
+/// Re-read the rules file; on error the old rules stay active and the error is returned.
+async fn reload_rules(State(agent): State<Arc<Agent>>) -> Response {
+    match agent.alerts().reload() {
+        Ok(n) => Json(serde_json::json!({"ok": true, "rules": n})).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"ok": false, "error": chain(&e), "kept_old_rules": true})),
+        )
+            .into_response(),
+    }
 }

@@ -49,6 +49,9 @@ pub struct RawConfig {
     /// `[[functions]]` tables.
     #[serde(default)]
     pub functions: Vec<RawFunction>,
+    /// `[[rules]]` tables (alert rules; not reloadable, see `agent.rules`).
+    #[serde(default)]
+    pub rules: Vec<crate::alerts::rules::RawRule>,
 }
 
 /// Raw `[agent]`.
@@ -69,6 +72,8 @@ pub struct RawAgent {
     pub recorder_queue: Option<usize>,
     /// Write Telemetry API-shaped platform events as JSON lines here (`-` = stdout).
     pub jsonl: Option<String>,
+    /// Alert rules file (reloaded on SIGHUP and `POST /v1/rules/reload`).
+    pub rules: Option<PathBuf>,
 }
 
 /// Raw `[[functions]]`.
@@ -223,6 +228,10 @@ pub struct AgentConfig {
     pub jsonl: Option<exporters::jsonl::Target>,
     /// Functions served.
     pub functions: Vec<FunctionSpec>,
+    /// Alert rules from `[[rules]]` in this file.
+    pub rules: Vec<crate::alerts::Rule>,
+    /// The reloadable alert rules file (relative paths resolved against this file).
+    pub rules_file: Option<PathBuf>,
 }
 
 /// Default HTTP address.
@@ -403,7 +412,23 @@ impl AgentConfig {
                 },
             });
         }
+        let rules = crate::alerts::rules::validate_all(raw.rules, origin).map_err(|e| match e {
+            crate::alerts::RulesError::Invalid { path, key, reason } => {
+                ConfigError::Invalid { path, key, reason }
+            }
+            other => invalid("rules".into(), other.to_string()),
+        })?;
+        let rules_file = match raw.agent.rules {
+            None => None,
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(invalid("agent.rules".into(), "must not be empty".into()))
+            }
+            Some(p) if p.is_absolute() => Some(p),
+            Some(p) => Some(base.join(p)),
+        };
         Ok(AgentConfig {
+            rules,
+            rules_file,
             http,
             state_dir,
             probe: raw.agent.probe,
@@ -520,6 +545,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("pool.prewarm"), "{e}");
+    }
+
+    #[test]
+    fn inline_rules_and_rules_file() {
+        let c = parse("[agent]\nrules = 'r.toml'\n[[rules]]\nname='e'\npattern='ERROR'\n").unwrap();
+        assert_eq!(c.rules.len(), 1);
+        assert_eq!(c.rules_file.as_deref(), Some(Path::new("/r.toml")));
+        let e = parse("[[rules]]\nname='e'\npattern='('\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml: rules[0].pattern: "), "{e}");
+        let e = parse("[[rules]]\nname='e'\npattern='x'\nbogus=1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod client;
 mod demo;
 mod embedded;
 mod render;
+mod rules;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -37,6 +38,18 @@ enum Cmd {
     Stats(ViewArgs),
     /// Live sandboxes with the probe's report, and host packing.
     Sandboxes(ViewArgs),
+    /// Alert rules: try them offline against a log.
+    #[command(subcommand)]
+    Rules(RulesCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCmd {
+    /// Replay a log through rules: matches, extracted values, alarm transitions.
+    Test(rules::TestArgs),
+    /// Time the matcher (lines/s with N rules).
+    #[command(hide = true)]
+    Bench(rules::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,6 +95,10 @@ struct AgentArgs {
     /// JSON lines to this file (`-` = stdout).
     #[arg(long)]
     jsonl: Option<String>,
+    /// Alert rules file, reloaded on SIGHUP and `POST /v1/rules/reload` (overrides
+    /// `[agent] rules`).
+    #[arg(long)]
+    rules: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -153,6 +170,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Stats(a) => client::stats(&a.agent, a.json).await,
         Cmd::Sandboxes(a) => client::sandboxes(&a.agent, a.json).await,
+        Cmd::Rules(RulesCmd::Test(a)) => rules::test(a),
+        Cmd::Rules(RulesCmd::Bench(a)) => rules::bench(a),
     }
 }
 
@@ -193,6 +212,9 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
     if let Some(j) = a.jsonl.as_deref() {
         cfg.jsonl = Some(exporters::jsonl::Target::parse(j));
     }
+    if a.rules.is_some() {
+        cfg.rules_file = a.rules;
+    }
     let addr = cfg.http;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -209,6 +231,28 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
             f.spec.timeout.as_secs_f64(),
             f.spec.pool.max_sandboxes
         );
+    }
+    let n_rules = agent.alerts().view()["rules"]
+        .as_array()
+        .map_or(0, Vec::len);
+    if n_rules > 0 {
+        eprintln!("  alert rules: {n_rules} (reload: SIGHUP or POST /v1/rules/reload)");
+    }
+    {
+        let a = agent.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing a SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match a.alerts().reload() {
+                    Ok(n) => eprintln!("sandscope agent: SIGHUP: alert rules reloaded ({n} rules)"),
+                    Err(e) => eprintln!(
+                        "sandscope agent: SIGHUP: alert rules NOT reloaded, old rules kept: {}",
+                        host_agent::agent::chain(&e)
+                    ),
+                }
+            }
+        });
     }
     // Last line of the banner: scripts wait for it.
     eprintln!(
