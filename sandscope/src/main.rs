@@ -5,6 +5,7 @@ mod demo;
 mod embedded;
 mod render;
 mod rules;
+mod top;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ enum Cmd {
     Stats(ViewArgs),
     /// Live sandboxes with the probe's report, and host packing.
     Sandboxes(ViewArgs),
+    /// Terminal UI: warm/cold distributions, cold-start waterfall, host packing.
+    Top(top::TopArgs),
     /// Alert rules: try them offline against a log.
     #[command(subcommand)]
     Rules(RulesCmd),
@@ -140,7 +143,10 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("SANDSCOPE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(top::log_writer(match &cli.cmd {
+            Cmd::Top(a) => Some(a),
+            _ => None,
+        }))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -172,6 +178,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Sandboxes(a) => client::sandboxes(&a.agent, a.json).await,
         Cmd::Rules(RulesCmd::Test(a)) => rules::test(a),
         Cmd::Rules(RulesCmd::Bench(a)) => rules::bench(a),
+        Cmd::Top(a) => top::run(a).await,
     }
 }
 
