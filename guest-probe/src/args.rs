@@ -1,14 +1,19 @@
 //! Command-line parsing, by hand (the probe stays small and starts fast).
 //!
 //! `guest-probe --sandbox-id ID (--fd N | --connect unix:PATH | --connect vsock:CID:PORT)
-//! [--host-id HOSTID] [--handler-kind exec|persistent] --handler 'SHELL COMMAND'
-//! [--init-timeout-ms MS] [--fork-init] [--root-dir DIR --code-dir DIR]`
+//! [--host-id HOSTID] [--handler-kind exec|persistent|lambda] --handler 'SHELL COMMAND'
+//! [--init-timeout-ms MS] [--runtime-api ADDR] [--fork-init] [--root-dir DIR --code-dir DIR]`
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Default bound on the persistent runtime's start (until it prints `ready`).
 pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the Lambda Runtime API listens by default (inside the sandbox's net namespace).
+pub const DEFAULT_RUNTIME_API: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9001),
+);
 
 /// Why a command line was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,8 +50,8 @@ pub enum ArgsError {
 
 /// Usage text printed for `--help` and after an argument error.
 pub const USAGE: &str = "usage: guest-probe --sandbox-id ID (--fd N | --connect unix:PATH) \
-[--host-id HOSTID] [--handler-kind exec|persistent] --handler 'SHELL COMMAND' \
-[--init-timeout-ms MS] [--fork-init] [--root-dir DIR --code-dir DIR]";
+[--host-id HOSTID] [--handler-kind exec|persistent|lambda] --handler 'SHELL COMMAND' \
+[--init-timeout-ms MS] [--runtime-api ADDR] [--fork-init] [--root-dir DIR --code-dir DIR]";
 
 /// Where the link to the agent comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +95,8 @@ pub struct Args {
     pub handler: String,
     /// Bound on the persistent runtime's start.
     pub init_timeout: Duration,
+    /// Listen address of the Lambda Runtime API (`lambda` handlers).
+    pub runtime_api: std::net::SocketAddr,
     /// Fork once so the child is PID 1 of the (already unshared) pid namespace.
     pub fork_init: bool,
     /// Build and pivot into a sandbox root.
@@ -111,6 +118,7 @@ impl Args {
         let mut kind = None;
         let mut handler = None;
         let mut init_timeout = None;
+        let mut runtime_api = None;
         let mut fork_init = false;
         let mut root_dir = None;
         let mut code_dir = None;
@@ -163,7 +171,7 @@ impl Args {
                         return Err(ArgsError::InvalidValue {
                             option: "--handler-kind",
                             value: v,
-                            reason: "expected exec or persistent",
+                            reason: "expected exec, persistent or lambda",
                         });
                     };
                     set(&mut kind, &name, k)?
@@ -177,6 +185,15 @@ impl Args {
                         reason: "not a number of milliseconds",
                     })?;
                     set(&mut init_timeout, &name, Duration::from_millis(ms))?
+                }
+                "--runtime-api" => {
+                    let v = value(&name)?;
+                    let a = v.parse().map_err(|_| ArgsError::InvalidValue {
+                        option: "--runtime-api",
+                        value: v.clone(),
+                        reason: "expected IP:PORT",
+                    })?;
+                    set(&mut runtime_api, &name, a)?
                 }
                 "--fork-init" if inline.is_none() => {
                     if fork_init {
@@ -227,6 +244,7 @@ impl Args {
             handler_kind: kind.unwrap_or(HandlerKind::Exec),
             handler,
             init_timeout: init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT),
+            runtime_api: runtime_api.unwrap_or(DEFAULT_RUNTIME_API),
             fork_init,
             root,
         })
@@ -406,7 +424,7 @@ mod tests {
                 "--handler",
                 "c",
                 "--handler-kind",
-                "lambda",
+                "wasm",
             ],
             &[
                 "--sandbox-id",
@@ -425,5 +443,39 @@ mod tests {
             assert!(matches!(e, InvalidValue { .. }), "argv {argv:?} gave {e:?}");
             assert!(e.to_string().contains("invalid value"), "{e}");
         }
+    }
+
+    #[test]
+    fn lambda_kind_and_runtime_api() {
+        let a = parse(&["--sandbox-id", "x", "--fd", "3", "--handler", "c"]).unwrap();
+        assert_eq!(a.runtime_api, DEFAULT_RUNTIME_API);
+        assert_eq!(a.runtime_api.to_string(), "127.0.0.1:9001");
+        let a = parse(&[
+            "--sandbox-id",
+            "x",
+            "--fd",
+            "3",
+            "--handler",
+            "c",
+            "--handler-kind",
+            "lambda",
+            "--runtime-api",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!(a.handler_kind, HandlerKind::Lambda);
+        assert_eq!(a.runtime_api.port(), 0);
+        let e = parse(&[
+            "--sandbox-id",
+            "x",
+            "--fd",
+            "3",
+            "--handler",
+            "c",
+            "--runtime-api",
+            "localhost",
+        ])
+        .unwrap_err();
+        assert!(matches!(e, ArgsError::InvalidValue { .. }), "{e:?}");
     }
 }

@@ -103,13 +103,68 @@ struct Spawned {
 
 impl HandlerCtx {
     fn spawn(&self) -> Result<Spawned, HandlerError> {
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (mut child, exit, pid) = self.launch(&mut cmd)?;
+        let take = |name, fd: Option<OwnedFd>| {
+            fd.ok_or_else(|| HandlerError::Pipe(name, std::io::ErrorKind::NotFound.into()))
+        };
+        let stdin = take("stdin", child.stdin.take().map(OwnedFd::from))?;
+        let stdout = take("stdout", child.stdout.take().map(OwnedFd::from))?;
+        let stderr = take("stderr", child.stderr.take().map(OwnedFd::from))?;
+        // `child` is dropped without waiting: the reaper owns that.
+        Ok(Spawned {
+            pid,
+            exit,
+            stdin: pipe::Sender::from_owned_fd(stdin)
+                .map_err(|e| HandlerError::Pipe("stdin", e))?,
+            stdout: pipe::Receiver::from_owned_fd(stdout)
+                .map_err(|e| HandlerError::Pipe("stdout", e))?,
+            stderr: pipe::Receiver::from_owned_fd(stderr)
+                .map_err(|e| HandlerError::Pipe("stderr", e))?,
+        })
+    }
+
+    /// Spawn the handler with stdin on /dev/null and stdout + stderr on ONE pipe (a Lambda
+    /// runtime: both streams are its log), `env` added. Returns (pid, exit, output pipe).
+    pub(crate) fn spawn_merged(
+        &self,
+        env: &[(String, String)],
+    ) -> Result<(i32, oneshot::Receiver<ExitInfo>, pipe::Receiver), HandlerError> {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(HandlerError::Pipe(
+                "output",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        use std::os::fd::FromRawFd;
+        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let wr2 = wr
+            .try_clone()
+            .map_err(|e| HandlerError::Pipe("output", e))?;
+        let mut cmd = self.command();
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(wr))
+            .stderr(Stdio::from(wr2));
+        let (child, exit, pid) = self.launch(&mut cmd)?;
+        // Our copies of the write end must go, or the pipe never reaches EOF.
+        drop(cmd);
+        drop(child);
+        let out = pipe::Receiver::from_owned_fd(rd).map_err(|e| HandlerError::Pipe("output", e))?;
+        Ok((pid, exit, out))
+    }
+
+    fn command(&self) -> Command {
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
             .arg(&self.handler)
             .env("SANDSCOPE_SANDBOX_ID", &self.sandbox_id)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .process_group(0);
         if Path::new("/var/task").is_dir() {
             cmd.current_dir("/var/task");
@@ -134,36 +189,32 @@ impl HandlerCtx {
                 Ok(())
             });
         }
-        let (mut child, exit) =
-            self.reaper
-                .spawn(&mut cmd)
-                .map_err(|source| HandlerError::Spawn {
-                    handler: self.handler.clone(),
-                    source,
-                })?;
+        cmd
+    }
+
+    fn launch(
+        &self,
+        cmd: &mut Command,
+    ) -> Result<(std::process::Child, oneshot::Receiver<ExitInfo>, i32), HandlerError> {
+        let (child, exit) = self
+            .reaper
+            .spawn(cmd)
+            .map_err(|source| HandlerError::Spawn {
+                handler: self.handler.clone(),
+                source,
+            })?;
         let pid = child.id() as i32;
         self.groups.insert(pid);
-        let take = |name, fd: Option<OwnedFd>| {
-            fd.ok_or_else(|| HandlerError::Pipe(name, std::io::ErrorKind::NotFound.into()))
-        };
-        let stdin = take("stdin", child.stdin.take().map(OwnedFd::from))?;
-        let stdout = take("stdout", child.stdout.take().map(OwnedFd::from))?;
-        let stderr = take("stderr", child.stderr.take().map(OwnedFd::from))?;
-        // `child` is dropped without waiting: the reaper owns that.
-        Ok(Spawned {
-            pid,
-            exit,
-            stdin: pipe::Sender::from_owned_fd(stdin)
-                .map_err(|e| HandlerError::Pipe("stdin", e))?,
-            stdout: pipe::Receiver::from_owned_fd(stdout)
-                .map_err(|e| HandlerError::Pipe("stdout", e))?,
-            stderr: pipe::Receiver::from_owned_fd(stderr)
-                .map_err(|e| HandlerError::Pipe("stderr", e))?,
-        })
+        Ok((child, exit, pid))
+    }
+
+    /// Forget a handler group (it is dead).
+    pub(crate) fn forget(&self, pgid: i32) {
+        self.groups.remove(pgid);
     }
 }
 
-fn result(inv_id: &str, status: InvokeStatus) -> InvokeResult {
+pub(crate) fn result(inv_id: &str, status: InvokeStatus) -> InvokeResult {
     InvokeResult {
         invoke_id: inv_id.to_string(),
         status: status as i32,
@@ -181,7 +232,7 @@ pub fn runtime_error(invoke_id: &str, error_type: &str, message: String) -> Invo
     }
 }
 
-fn timeout_message(timeout_ms: u64) -> String {
+pub(crate) fn timeout_message(timeout_ms: u64) -> String {
     format!(
         "Task timed out after {:.2} seconds",
         timeout_ms as f64 / 1000.0
@@ -193,7 +244,7 @@ fn too_large_message() -> String {
 }
 
 /// Fill status, exit code, signal and error fields from how the handler ended.
-fn apply_exit(r: &mut InvokeResult, e: &ExitInfo, what: &str) {
+pub(crate) fn apply_exit(r: &mut InvokeResult, e: &ExitInfo, what: &str) {
     if let Some(code) = e.exit_code() {
         r.exit_code = code;
         if code == 0 {
@@ -223,7 +274,7 @@ async fn optional<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Outpu
     }
 }
 
-async fn sleep_until_opt(t: Option<Instant>) {
+pub(crate) async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
@@ -370,7 +421,7 @@ pub async fn run_exec(ctx: HandlerCtx, inv: Invoke) -> InvokeResult {
 // ---------------------------------------------------------------------------------------
 // persistent
 
-enum StderrCtl {
+pub(crate) enum StderrCtl {
     Begin(String),
     End(oneshot::Sender<()>),
 }
@@ -394,7 +445,7 @@ pub struct Persistent {
 /// `pread` (no path lookups on the invoke path), the end-of-invoke CPU reading is the next
 /// invoke's baseline, and the peak is reset after the reply has gone out.
 #[derive(Debug)]
-struct ProcFiles {
+pub(crate) struct ProcFiles {
     stat: std::fs::File,
     status: std::fs::File,
     clear_refs: Option<std::fs::File>,
@@ -404,7 +455,7 @@ struct ProcFiles {
 }
 
 impl ProcFiles {
-    fn open(pid: i32) -> Option<Self> {
+    pub(crate) fn open(pid: i32) -> Option<Self> {
         let f = |n: &str| std::fs::File::open(format!("/proc/{pid}/{n}")).ok();
         let mut p = ProcFiles {
             stat: f("stat")?,
@@ -444,8 +495,21 @@ impl ProcFiles {
         crate::procinfo::parse_status_kib(std::str::from_utf8(&self.buf).ok()?, "VmHWM")
     }
 
+    /// Per-invoke CPU (delta since the last reading) and peak RSS into `r`.
+    pub(crate) fn measure(&mut self, r: &mut InvokeResult) {
+        if let Some(a) = self.read_stat() {
+            let before = std::mem::replace(&mut self.last, a);
+            r.cpu_user_us =
+                crate::procinfo::ticks_to_us(a.utime_ticks.saturating_sub(before.utime_ticks));
+            r.cpu_system_us =
+                crate::procinfo::ticks_to_us(a.stime_ticks.saturating_sub(before.stime_ticks));
+        }
+        r.max_rss_kib = self.vm_hwm_kib().unwrap_or(0);
+        self.peak_dirty = true;
+    }
+
     /// Reset the peak RSS (`clear_refs` 5) if an invoke read it since the last reset.
-    fn reset_peak(&mut self) {
+    pub(crate) fn reset_peak(&mut self) {
         if std::mem::take(&mut self.peak_dirty) {
             if let Some(f) = &self.clear_refs {
                 use std::os::unix::fs::FileExt;
@@ -501,7 +565,7 @@ impl LineReader {
     }
 }
 
-async fn stderr_task(
+pub(crate) async fn stderr_task(
     mut r: pipe::Receiver,
     mut ctl: mpsc::Receiver<StderrCtl>,
     outbox: Outbox,

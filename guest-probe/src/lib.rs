@@ -17,6 +17,7 @@ pub mod args;
 pub mod clock;
 pub mod forkinit;
 pub mod handler;
+pub mod lambda;
 pub mod outbox;
 pub mod probe;
 pub mod procinfo;

@@ -4,6 +4,7 @@
 use crate::args::{Args, HandlerKind};
 use crate::clock::{Clock, Markers};
 use crate::handler::{self, HandlerCtx, Persistent};
+use crate::lambda::Lambda;
 use crate::outbox::Outbox;
 use crate::procinfo::SandboxView;
 use crate::reaper::Reaper;
@@ -60,6 +61,7 @@ type BoxFut<T> = Pin<Box<dyn Future<Output = T>>>;
 enum Slot {
     Exec,
     Persistent(Box<Persistent>),
+    Lambda(Box<Lambda>),
     Lent,
     Down(String),
 }
@@ -127,7 +129,7 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
         groups: Default::default(),
     };
     let mut slot = Slot::Lent;
-    let mut starting: Option<BoxFut<Result<Persistent, String>>> = None;
+    let mut starting: Option<BoxFut<Result<Slot, String>>> = None;
     match args.handler_kind {
         HandlerKind::Exec => {
             slot = Slot::Exec;
@@ -139,10 +141,23 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
                 .await;
         }
         HandlerKind::Persistent => {
-            starting = Some(Box::pin(Persistent::start(ctx.clone(), args.init_timeout)));
+            let (c, t) = (ctx.clone(), args.init_timeout);
+            starting = Some(Box::pin(async move {
+                Persistent::start(c, t)
+                    .await
+                    .map(|p| Slot::Persistent(Box::new(p)))
+            }));
+        }
+        HandlerKind::Lambda => {
+            let (c, t, a) = (ctx.clone(), args.init_timeout, args.runtime_api);
+            starting = Some(Box::pin(async move {
+                Lambda::start(c, t, a)
+                    .await
+                    .map(|l| Slot::Lambda(Box::new(l)))
+            }));
         }
     }
-    let mut inflight: Option<BoxFut<(Option<Persistent>, InvokeResult)>> = None;
+    let mut inflight: Option<BoxFut<(Option<Slot>, InvokeResult)>> = None;
 
     let grace = loop {
         tokio::select! {
@@ -181,7 +196,14 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
                                     (None, handler::run_exec(c, inv).await)
                                 }));
                             }
-                            Slot::Persistent(p) => inflight = Some(Box::pin(p.invoke(inv))),
+                            Slot::Persistent(p) => inflight = Some(Box::pin(async move {
+                                let (p, r) = p.invoke(inv).await;
+                                (p.map(|p| Slot::Persistent(Box::new(p))), r)
+                            })),
+                            Slot::Lambda(l) => inflight = Some(Box::pin(async move {
+                                let (l, r) = l.invoke(inv).await;
+                                (l.map(|l| Slot::Lambda(Box::new(l))), r)
+                            })),
                             Slot::Down(reason) => {
                                 outbox.result(handler::runtime_error(
                                     &inv.invoke_id,
@@ -219,7 +241,7 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
                 let init_us = hello_sent.elapsed().as_micros() as u64;
                 match r {
                     Ok(p) => {
-                        slot = Slot::Persistent(Box::new(p));
+                        slot = p;
                         outbox.frame(Ready { runtime_init_us: init_us, error: String::new() }).await;
                     }
                     Err(e) => {
@@ -233,7 +255,7 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
                 let (rt, result) = r;
                 if let Slot::Lent = slot {
                     slot = match rt {
-                        Some(p) => Slot::Persistent(Box::new(p)),
+                        Some(p) => p,
                         None => Slot::Down(format!(
                             "runtime is gone after invoke {}: {}",
                             result.invoke_id, result.error_message
@@ -241,8 +263,10 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
                     };
                 }
                 outbox.result(result).await;
-                if let Slot::Persistent(p) = &mut slot {
-                    p.after_reply();
+                match &mut slot {
+                    Slot::Persistent(p) => p.after_reply(),
+                    Slot::Lambda(l) => l.after_reply(),
+                    _ => {}
                 }
             }
             _ = sigterm.recv() => break SIGNAL_GRACE_MS,

@@ -98,13 +98,22 @@ pub struct Invocation {
     pub max_rss_kib: u64,
     /// Handler CPU, µs.
     pub cpu_us: u64,
+    /// The invocation's log (START, function lines, END, REPORT), last
+    /// [`LOG_TAIL_BYTES`] bytes; only when [`InvokeOptions::log_tail`] asked for it.
+    #[serde(skip)]
+    pub log_tail: Option<String>,
 }
+
+/// Size of the log tail returned for `X-Amz-Log-Type: Tail`, as Lambda's.
+pub const LOG_TAIL_BYTES: usize = 4096;
 
 /// Options of one invocation.
 #[derive(Debug, Default, Clone)]
 pub struct InvokeOptions {
     /// W3C traceparent to pass to the sandbox.
     pub traceparent: String,
+    /// Collect the invocation's log tail ([`Invocation::log_tail`]).
+    pub log_tail: bool,
 }
 
 /// See the module docs.
@@ -582,6 +591,9 @@ impl Agent {
                     return Err(InvokeError::Platform(msg));
                 }
                 Err(BootFailure::Init(msg)) => {
+                    let log_tail = opts
+                        .log_tail
+                        .then(|| tail_of(format!("INIT_REPORT Status: error\t{msg}\n")));
                     sample.cold = true;
                     sample.outcome = Outcome::FunctionError;
                     sample.total_us = us(t0.elapsed());
@@ -601,6 +613,7 @@ impl Agent {
                         phases: BTreeMap::new(),
                         max_rss_kib: 0,
                         cpu_us: 0,
+                        log_tail,
                     });
                 }
             },
@@ -608,6 +621,7 @@ impl Agent {
         sb.count_invocation();
         let invoke_id = self.new_invoke_id();
         let timeout = pool.spec.timeout;
+        let want_tail = opts.log_tail;
         let t_send = Instant::now();
         let res = sb
             .link
@@ -722,6 +736,19 @@ impl Agent {
                 max_memory_used_mb: sample.max_rss_kib.div_ceil(1024),
             });
         }
+        let log_tail = want_tail.then(|| {
+            let mut t = format!("START RequestId: {} Version: $LATEST\n", invoke_id);
+            for l in sb.link.recent_logs() {
+                if l.invoke_id == invoke_id {
+                    t.push_str(&l.line);
+                    t.push('\n');
+                }
+            }
+            t.push_str(&format!("END RequestId: {invoke_id}\n"));
+            t.push_str(&report_line(&pool.spec, &invoke_id, &sample));
+            t.push('\n');
+            tail_of(t)
+        });
         let inv = Invocation {
             invoke_id,
             function: pool.spec.name.clone(),
@@ -741,6 +768,7 @@ impl Agent {
                 .collect(),
             max_rss_kib: sample.max_rss_kib,
             cpu_us: sample.cpu_us,
+            log_tail,
         };
         if keep && sb.healthy() {
             // Back in the pool before the response goes out, so a back-to-back request is warm.
@@ -909,18 +937,7 @@ impl Agent {
             Status::OutOfMemory => send(format!("Runtime.OutOfMemory: {error_message}")),
             Status::Ok | Status::FunctionError => {}
         }
-        let dur_ms = sample.phases_us[Phase::Invoke as usize] as f64 / 1000.0;
-        let mut report = format!(
-            "REPORT RequestId: {invoke_id}\tDuration: {dur_ms:.2} ms\tBilled Duration: {} ms\t\
-             Memory Size: {} MB\tMax Memory Used: {} MB",
-            dur_ms.ceil().max(1.0) as u64,
-            spec.memory_mb,
-            sample.max_rss_kib.div_ceil(1024),
-        );
-        if let (true, Some(init)) = (sample.cold, init_ms) {
-            report.push_str(&format!("\tInit Duration: {init:.2} ms"));
-        }
-        send(report);
+        send(report_line(spec, invoke_id, sample));
     }
 
     /// End every sandbox (agent shutdown).
@@ -930,6 +947,34 @@ impl Agent {
             self.destroy(&sb, "agent shutting down").await;
         }
     }
+}
+
+/// Lambda's `REPORT RequestId: ...` line for one invocation.
+fn report_line(spec: &FunctionSpec, invoke_id: &str, sample: &Sample) -> String {
+    let dur_ms = sample.phases_us[Phase::Invoke as usize] as f64 / 1000.0;
+    let mut report = format!(
+        "REPORT RequestId: {invoke_id}\tDuration: {dur_ms:.2} ms\tBilled Duration: {} ms\t\
+         Memory Size: {} MB\tMax Memory Used: {} MB",
+        dur_ms.ceil().max(1.0) as u64,
+        spec.memory_mb,
+        sample.max_rss_kib.div_ceil(1024),
+    );
+    if let (true, Some(init)) = (sample.cold, sample.init_us().map(|v| v as f64 / 1000.0)) {
+        report.push_str(&format!("\tInit Duration: {init:.2} ms"));
+    }
+    report
+}
+
+/// The last [`LOG_TAIL_BYTES`] bytes of `log`, cut at a line start when possible.
+fn tail_of(log: String) -> String {
+    if log.len() <= LOG_TAIL_BYTES {
+        return log;
+    }
+    let mut cut = log.len() - LOG_TAIL_BYTES;
+    while !log.is_char_boundary(cut) {
+        cut += 1;
+    }
+    log[cut..].to_string()
 }
 
 fn timeout_message(t: Duration) -> String {

@@ -67,6 +67,17 @@ async fn invoke(
     };
     let opts = InvokeOptions {
         traceparent: hdr("traceparent"),
+        log_tail: match hdr("x-amz-log-type").as_str() {
+            "" | "None" => false,
+            "Tail" => true,
+            other => {
+                return service_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidParameterValueException",
+                    format!("unknown X-Amz-Log-Type `{other}` (None or Tail)"),
+                )
+            }
+        },
     };
     match hdr("x-amz-invocation-type").as_str() {
         "" | "RequestResponse" => {}
@@ -118,6 +129,14 @@ async fn invoke(
     };
     let mut resp = if inv.status == Status::Ok {
         (StatusCode::OK, inv.payload).into_response()
+    } else if is_lambda_error_body(&inv.payload) {
+        // A Lambda runtime's own error document goes out as the runtime posted it.
+        let mut r = (StatusCode::OK, inv.payload).into_response();
+        r.headers_mut().insert(
+            "x-amz-function-error",
+            HeaderValue::from_static("Unhandled"),
+        );
+        r
     } else {
         let body = serde_json::json!({
             "errorMessage": inv.error_message,
@@ -146,6 +165,11 @@ async fn invoke(
         "x-amz-executed-version",
         HeaderValue::from_static("$LATEST"),
     );
+    if let Some(tail) = &inv.log_tail {
+        if let Ok(v) = HeaderValue::from_str(&base64(tail.as_bytes())) {
+            h.insert("x-amz-log-result", v);
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", inv.total_us as f64 / 1000.0)) {
         h.insert("x-sandscope-duration-ms", v);
     }
@@ -155,6 +179,32 @@ async fn invoke(
         }
     }
     resp
+}
+
+/// Whether a function-error payload is already a Lambda error document
+/// (`{"errorMessage": ...}`), as a Lambda runtime posts it.
+fn is_lambda_error_body(payload: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .map(|v| v.get("errorMessage").is_some())
+        .unwrap_or(false)
+}
+
+/// Standard base64 with padding (RFC 4648), for `X-Amz-Log-Result`.
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn not_found(name: &str) -> Response {
@@ -210,5 +260,35 @@ async fn reload_rules(State(agent): State<Arc<Agent>>) -> Response {
             Json(serde_json::json!({"ok": false, "error": chain(&e), "kept_old_rules": true})),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+    }
+
+    #[test]
+    fn lambda_error_documents_are_recognised() {
+        assert!(is_lambda_error_body(
+            br#"{"errorMessage":"x","errorType":"E"}"#
+        ));
+        assert!(!is_lambda_error_body(b"plain output"));
+        assert!(!is_lambda_error_body(br#"{"count":1}"#));
     }
 }

@@ -320,7 +320,7 @@ impl AgentConfig {
                 Some(k) => HandlerKind::parse(k).ok_or_else(|| {
                     invalid(
                         key("kind"),
-                        format!("unknown kind `{k}` (expected exec or persistent)"),
+                        format!("unknown kind `{k}` (expected exec, persistent or lambda)"),
                     )
                 })?,
             };
@@ -514,7 +514,7 @@ mod tests {
     fn bad_values_name_the_key_and_reason() {
         let cases = [
             ("memory_mb = 4", "functions[0].memory_mb", "between 16"),
-            ("kind = 'lambda'", "functions[0].kind", "unknown kind"),
+            ("kind = 'wasm'", "functions[0].kind", "unknown kind"),
             ("timeout_s = -1.0", "functions[0].timeout_s", "between"),
             ("cpus = 0.0", "functions[0].cpus", "between"),
         ];

@@ -84,6 +84,9 @@ pub enum HandlerKind {
     Exec,
     /// `/bin/sh -c HANDLER` once per sandbox, speaking `sandscope-lines/1`.
     Persistent,
+    /// `/bin/sh -c HANDLER` once per sandbox, speaking the AWS Lambda Runtime API that the
+    /// probe serves on 127.0.0.1:9001 inside the sandbox.
+    Lambda,
 }
 
 impl HandlerKind {
@@ -92,6 +95,7 @@ impl HandlerKind {
         match self {
             HandlerKind::Exec => "exec",
             HandlerKind::Persistent => "persistent",
+            HandlerKind::Lambda => "lambda",
         }
     }
 
@@ -100,6 +104,7 @@ impl HandlerKind {
         match s {
             "exec" => Some(HandlerKind::Exec),
             "persistent" => Some(HandlerKind::Persistent),
+            "lambda" => Some(HandlerKind::Lambda),
             _ => None,
         }
     }

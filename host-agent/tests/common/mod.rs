@@ -79,6 +79,34 @@ pub async fn start_with(
     }
 }
 
+/// Like [`start`] (process driver), with `more` appended to the generated config, e.g. a
+/// `[[functions]]` table whose code directory is an example in the repository.
+pub async fn start_more(funcs: &[Func<'_>], agent_extra: &str, more: &str) -> TestAgent {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), funcs, agent_extra);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(more);
+    std::fs::write(&cfg, text).unwrap();
+    let cfg = AgentConfig::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let driver = host_agent::drivers::process::ProcessDriver::new(&cfg)
+        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
+    let agent = Agent::with_driver(cfg, Arc::new(driver), "test driver".into())
+        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(host_agent::api::serve(agent.clone(), listener, async {
+        let _ = rx.await;
+    }));
+    TestAgent {
+        agent,
+        url,
+        http: reqwest::Client::new(),
+        _dir: dir,
+        stop: Some(tx),
+    }
+}
+
 pub fn write_config(dir: &Path, funcs: &[Func<'_>], agent_extra: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let mut toml = format!(
