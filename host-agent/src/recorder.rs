@@ -201,6 +201,27 @@ fn dist(h: &Histogram<u64>) -> Dist {
     }
 }
 
+/// Log2 buckets of `h`: `(upper bound µs, count)` with upper bounds 1, 2, 4, ... µs; a
+/// bucket counts the values below its bound and at or above the previous one. Only the
+/// buckets from the first to the last non-empty one; empty when there are no samples.
+fn log2_buckets(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let all: Vec<(u64, u64)> = h
+        .iter_log(1, 2.0)
+        .map(|v| {
+            (
+                v.value_iterated_to().saturating_add(1),
+                v.count_since_last_iteration(),
+            )
+        })
+        .collect();
+    let first = all.iter().position(|b| b.1 > 0).unwrap_or(0);
+    let last = all.iter().rposition(|b| b.1 > 0).map_or(0, |i| i + 1);
+    all.get(first..last).map(<[_]>::to_vec).unwrap_or_default()
+}
+
 /// One function's figures in a snapshot.
 #[derive(Debug, Clone, Serialize)]
 pub struct FunctionStats {
@@ -224,6 +245,12 @@ pub struct FunctionStats {
     pub warm: Dist,
     /// Cold invocation latency.
     pub cold: Dist,
+    /// Warm invocation latency histogram: `(upper bound µs, count)` per log2 bucket
+    /// (bounds 1, 2, 4, ... µs; each counts values below its bound), first to last
+    /// non-empty bucket.
+    pub warm_buckets: Vec<(u64, u64)>,
+    /// Cold invocation latency histogram, as `warm_buckets`.
+    pub cold_buckets: Vec<(u64, u64)>,
     /// Init duration of cold starts.
     pub init: Dist,
     /// Per-phase distributions (only phases that occurred).
@@ -343,6 +370,8 @@ impl FnAgg {
             throttles: self.throttles,
             warm: dist(&self.warm),
             cold: dist(&self.cold),
+            warm_buckets: log2_buckets(&self.warm),
+            cold_buckets: log2_buckets(&self.cold),
             init: dist(&self.init),
             phases: PHASES
                 .iter()
@@ -489,6 +518,26 @@ mod tests {
         assert!((349..=351).contains(&f.init.p50_us), "{}", f.init.p50_us);
         assert!((140..=152).contains(&f.warm.p50_us), "{}", f.warm.p50_us);
         assert!(f.warm.max_us >= 2_990_000);
+        let warm_total: u64 = f.warm_buckets.iter().map(|b| b.1).sum();
+        assert_eq!(warm_total, f.warm.count);
+        assert!(f.warm_buckets.iter().all(|b| b.0.is_power_of_two()));
+        let bucket = |up: u64| f.warm_buckets.iter().find(|b| b.0 == up).map(|b| b.1);
+        // 100..=198µs: 100..=127 below 128, 128..=198 below 256.
+        assert_eq!(bucket(128), Some(28));
+        assert_eq!(bucket(256), Some(71));
+        assert_eq!(
+            f.warm_buckets.first().map(|b| b.0),
+            Some(128),
+            "{:?}",
+            f.warm_buckets
+        );
+        assert_eq!(
+            f.warm_buckets.last().map(|b| b.1),
+            Some(1),
+            "the 3s timeout"
+        );
+        assert_eq!(f.cold_buckets, vec![(8192, 1)], "one 5ms cold start");
+        assert!(s.functions[1].warm_buckets.is_empty());
         assert_eq!(f.last_cold_start.get("spawn"), Some(&100));
         assert!(!f.phases.contains_key("thaw"));
         assert_eq!(s.functions[1].throttles, 1);

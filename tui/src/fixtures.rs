@@ -22,6 +22,40 @@ fn dist(count: u64, base: u64) -> Dist {
     }
 }
 
+/// Log2 buckets `(upper bound µs, count)` holding `count` samples around `base`: a
+/// deterministic hump with a short fast side and a longer slow tail.
+fn buckets(count: u64, base: u64) -> Vec<(u64, u64)> {
+    if count == 0 {
+        return Vec::new();
+    }
+    let mode = base.max(4).next_power_of_two();
+    // Relative weights from two buckets below the mode to four above it.
+    const W: [u64; 7] = [2, 6, 10, 5, 3, 1, 1];
+    let total: u64 = W.iter().sum();
+    // One sample each, mode first and outwards, so small counts still spread; the rest
+    // by weight; whatever the integer division left over goes to the mode.
+    let mut n = [0u64; 7];
+    let mut left = count;
+    for i in [2, 3, 1, 4, 0, 5, 6] {
+        if left > 0 {
+            n[i] += 1;
+            left -= 1;
+        }
+    }
+    for (c, w) in n.iter_mut().zip(W) {
+        *c += left * w / total;
+    }
+    n[2] += count - n.iter().sum::<u64>();
+    let out: Vec<(u64, u64)> = n
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ((mode << i) >> 2, *c))
+        .collect();
+    let first = out.iter().position(|b| b.1 > 0).unwrap_or(0);
+    let last = out.iter().rposition(|b| b.1 > 0).map_or(0, |i| i + 1);
+    out[first..last].to_vec()
+}
+
 /// A function with `n` invocations of which `cold` were cold.
 pub fn function(name: &str, n: u64, cold: u64, warm_us: u64) -> FunctionStats {
     let cold_us = warm_us * 4 + 20_000;
@@ -48,6 +82,8 @@ pub fn function(name: &str, n: u64, cold: u64, warm_us: u64) -> FunctionStats {
         timeouts: 0,
         warm: dist(n - cold, warm_us),
         cold: dist(cold, cold_us),
+        warm_buckets: buckets(n - cold, warm_us),
+        cold_buckets: buckets(cold, cold_us),
         init: dist(cold, cold_us - warm_us),
         phases,
         last_cold_start: last,

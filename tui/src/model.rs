@@ -69,6 +69,13 @@ pub struct FunctionStats {
     pub warm: Dist,
     /// Cold invocation latency.
     pub cold: Dist,
+    /// Warm latency histogram: `(upper bound µs, count)` per log2 bucket (bounds 1, 2,
+    /// 4, ... µs), first to last non-empty bucket. Empty from agents that predate it.
+    #[serde(default)]
+    pub warm_buckets: Vec<(u64, u64)>,
+    /// Cold latency histogram, as `warm_buckets`.
+    #[serde(default)]
+    pub cold_buckets: Vec<(u64, u64)>,
     /// Init (spawn to ready) latency.
     pub init: Dist,
     /// Per-phase latency.
@@ -288,6 +295,16 @@ mod tests {
                 .unwrap();
         assert_eq!(s.functions[0].warm.p50_us, 3);
         assert_eq!(s.functions[0].cold, Dist::default());
+        assert!(
+            s.functions[0].warm_buckets.is_empty(),
+            "older agents send no buckets"
+        );
+        let s: Stats = serde_json::from_str(
+            r#"{"functions":[{"name":"f","warm_buckets":[[128,28],[256,71]]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.functions[0].warm_buckets, vec![(128, 28), (256, 71)]);
+        assert!(s.functions[0].cold_buckets.is_empty());
         let d: SandboxDetail = serde_json::from_str(
             r#"{"id":"a-1","probe":{"boot_id":"b"},"markers":[["init_start",0]],"logs":[]}"#,
         )

@@ -242,8 +242,127 @@ fn latency(f: &mut Frame, area: Rect, s: &State) {
     let [w, c] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(inner);
     let top = fs.warm.max_us.max(fs.cold.max_us);
-    f.render_widget(dist_panel("warm", &fs.warm, top, w.width), w);
-    f.render_widget(dist_panel("cold", &fs.cold, top, c.width), c);
+    for (name, d, b, r) in [
+        ("warm", &fs.warm, &fs.warm_buckets, w),
+        ("cold", &fs.cold, &fs.cold_buckets, c),
+    ] {
+        let p = if b.is_empty() || d.count == 0 {
+            // Agents that predate the buckets: percentile bars.
+            dist_panel(name, d, top, r.width)
+        } else {
+            hist_panel(name, d, b, r.width, r.height)
+        };
+        f.render_widget(p, r);
+    }
+}
+
+fn side_color(name: &str) -> Color {
+    if name == "cold" {
+        Color::Blue
+    } else {
+        Color::Green
+    }
+}
+
+/// A log2 bucket's upper bound, short: `≤128µs`, `≤1.0ms`, `≤16ms`, `≤1.0s`.
+fn fmt_bound(us: u64) -> String {
+    let v = if us < 1_000 {
+        format!("{us}µs")
+    } else if us < 10_000 {
+        format!("{:.1}ms", us as f64 / 1e3)
+    } else if us < 1_000_000 {
+        format!("{:.0}ms", us as f64 / 1e3)
+    } else if us < 10_000_000 {
+        format!("{:.1}s", us as f64 / 1e6)
+    } else {
+        format!("{:.0}s", us as f64 / 1e6)
+    };
+    format!("≤{v}")
+}
+
+/// Merges ascending log2 buckets into buckets `2^f` wide (upper bounds `2^(f·j)`) with the
+/// smallest `f` that leaves at most `rows` of them. Returns the buckets and `f`.
+fn coarsen(b: &[(u64, u64)], rows: usize) -> (Vec<(u64, u64)>, u32) {
+    let mut f = 1u32;
+    loop {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &(up, n) in b {
+            // ceil(log2(up)), so bounds that are not powers of two round up.
+            let k = 64 - up.saturating_sub(1).leading_zeros();
+            let g = k.div_ceil(f) * f;
+            let top = if g >= 64 { u64::MAX } else { 1u64 << g };
+            match out.last_mut() {
+                Some(l) if l.0 == top => l.1 += n,
+                _ => out.push((top, n)),
+            }
+        }
+        if out.len() <= rows.max(1) || f >= 64 {
+            return (out, f);
+        }
+        f += 1;
+    }
+}
+
+/// A bar of `n / max` of `width` cells, in eighths; at least a sliver when `n > 0`.
+fn frac_bar(n: u64, max: u64, width: usize) -> String {
+    const PART: [&str; 8] = ["", "▏", "▎", "▍", "▌", "▋", "▊", "▉"];
+    if n == 0 || max == 0 || width == 0 {
+        return String::new();
+    }
+    let eighths =
+        ((n as f64 / max as f64 * width as f64 * 8.0).round() as usize).clamp(1, width * 8);
+    format!("{}{}", "█".repeat(eighths / 8), PART[eighths % 8])
+}
+
+/// A histogram over log2 latency buckets: one row per bucket, bar length proportional to
+/// the count (scaled to this side's largest bucket). Coarser buckets when short of rows.
+fn hist_panel(
+    name: &str,
+    d: &Dist,
+    buckets: &[(u64, u64)],
+    width: u16,
+    height: u16,
+) -> Paragraph<'static> {
+    let mut head = format!("{name} n={} mean {}", d.count, fmt_us(d.mean_us));
+    let p99 = format!(" p99 {}", fmt_us(d.p99_us));
+    // Keep a blank column before the other side.
+    if head.chars().count() + p99.chars().count() < width as usize {
+        head.push_str(&p99);
+    }
+    let mut lines = vec![Line::styled(head, BOLD)];
+    let rows = (height as usize).saturating_sub(1);
+    let (b, f) = coarsen(buckets, rows);
+    let max = b.iter().map(|x| x.1).max().unwrap_or(0);
+    let cw = max.to_string().len();
+    // label (6) + space + count + space, and one cell of margin.
+    let bar_w = (width as usize).saturating_sub(6 + 1 + cw + 1 + 1);
+    let color = Style::new().fg(side_color(name));
+    for &(up, n) in b.iter().take(rows) {
+        let label = Span::styled(
+            format!("{:>6} {n:>cw$} ", fmt_bound(up)),
+            if n == 0 { DIM } else { Style::new() },
+        );
+        lines.push(Line::from(vec![
+            label,
+            Span::styled(frac_bar(n, max, bar_w), color),
+        ]));
+    }
+    if b.len() < rows {
+        let scale = if f == 1 {
+            "log2".to_string()
+        } else {
+            format!("x{}", 1u128 << f)
+        };
+        let text = format!("count per {scale} bucket");
+        // Under the bars when that fits, else from the left edge.
+        let indent = if 8 + cw + text.len() < width as usize {
+            8 + cw
+        } else {
+            0
+        };
+        lines.push(Line::styled(format!("{:indent$}{text}", ""), DIM));
+    }
+    Paragraph::new(lines)
 }
 
 /// Percentile bars on a shared log scale (10µs .. the larger max).
@@ -257,11 +376,7 @@ fn dist_panel(name: &str, d: &Dist, top: u64, width: u16) -> Paragraph<'static> 
         return Paragraph::new(lines);
     }
     let bar_w = (width as usize).saturating_sub(15);
-    let color = if name == "cold" {
-        Color::Blue
-    } else {
-        Color::Green
-    };
+    let color = side_color(name);
     for (label, v) in d.percentiles() {
         let n = log_bar(v, top, bar_w);
         lines.push(Line::from(vec![
@@ -745,5 +860,31 @@ mod tests {
         assert_eq!(log_bar(100_000, 100_000, 20), 20);
         assert_eq!(log_bar(u64::MAX, 100_000, 20), 20);
         assert_eq!(log_bar(5, 100_000, 20), 1);
+    }
+
+    #[test]
+    fn bucket_labels_bars_and_coarsening() {
+        assert_eq!(fmt_bound(128), "≤128µs");
+        assert_eq!(fmt_bound(1024), "≤1.0ms");
+        assert_eq!(fmt_bound(16_384), "≤16ms");
+        assert_eq!(fmt_bound(1 << 20), "≤1.0s");
+        assert_eq!(frac_bar(0, 10, 8), "");
+        assert_eq!(frac_bar(10, 10, 8), "████████");
+        assert_eq!(frac_bar(1, 1000, 8), "▏");
+        assert_eq!(frac_bar(5, 10, 3), "█▌");
+        let b: Vec<(u64, u64)> = (3..=10).map(|k| (1u64 << k, k)).collect();
+        assert_eq!(coarsen(&b, 8), (b.clone(), 1));
+        let (c, f) = coarsen(&b, 5);
+        assert_eq!(f, 2);
+        assert_eq!(
+            c,
+            vec![(16, 3 + 4), (64, 5 + 6), (256, 7 + 8), (1024, 9 + 10)]
+        );
+        assert_eq!(
+            c.iter().map(|x| x.1).sum::<u64>(),
+            b.iter().map(|x| x.1).sum::<u64>()
+        );
+        let (c, _) = coarsen(&b, 1);
+        assert_eq!(c.len(), 1);
     }
 }

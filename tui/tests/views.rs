@@ -109,3 +109,24 @@ fn render_is_fast_enough_for_100_functions_1000_sandboxes() {
     let d = tui::bench_render(100, 1000, 200, 60, 20);
     assert!(d < Duration::from_millis(200), "{d:?} per frame");
 }
+
+#[test]
+fn latency_without_buckets_falls_back_to_percentile_bars() {
+    let mut s = fixtures::many(1, 2);
+    let out = render(&s, 80, 24);
+    assert!(
+        out.contains("count per log2 bucket") && !out.contains("p99.9"),
+        "{out}"
+    );
+    // An agent that predates the buckets.
+    for fs in &mut s.agents[0].stats.functions {
+        fs.warm_buckets.clear();
+        fs.cold_buckets.clear();
+    }
+    let out = render(&s, 80, 24);
+    assert!(
+        out.contains("p99.9") && out.contains("log scale 10µs.."),
+        "{out}"
+    );
+    assert!(!out.contains("log2 bucket"), "{out}");
+}
