@@ -210,7 +210,10 @@ fn top_in_tmux_shows_live_agent_survives_restart_and_quits_cleanly() {
     });
 
     tmux.keys("q");
-    let s = tmux.wait_for("exit", |s| s.contains("TOP-EXITED"));
+    // Wait for the shell's `stty` report too, not just the exit line (it prints after).
+    let s = tmux.wait_for("exit and stty report", |s| {
+        s.contains("TOP-EXITED") && s.lines().any(|l| matches!(l.trim(), "icanon" | "-icanon"))
+    });
     assert!(s.contains("TOP-EXITED 0"), "{s}");
     assert!(!s.contains("1 Latency"), "alternate screen not left:\n{s}");
     assert!(
