@@ -717,18 +717,7 @@ impl Persistent {
 
     /// "; last stderr: a | b" with the runtime's last stderr lines, or "".
     async fn stderr_tail(&self) -> String {
-        let (tx, rx) = oneshot::channel();
-        if self.stderr_ctl.send(StderrCtl::End(tx)).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_millis(200), rx).await;
-        }
-        let q = self.last_stderr.lock().unwrap_or_else(|p| p.into_inner());
-        if q.is_empty() {
-            return String::new();
-        }
-        format!(
-            "; last stderr: {}",
-            q.iter().cloned().collect::<Vec<_>>().join(" | ")
-        )
+        output_tail(&self.stderr_ctl, &self.last_stderr, "stderr").await
     }
 
     /// The runtime's pid (its process group).
@@ -889,4 +878,25 @@ impl Persistent {
         kill_group(self.pid, libc::SIGKILL);
         self.ctx.groups.remove(self.pid);
     }
+}
+
+/// "; last {what}: a | b" with a runtime's last output lines (after asking its output task
+/// to finish the current line), or "" when there were none.
+pub(crate) async fn output_tail(
+    ctl: &mpsc::Sender<StderrCtl>,
+    last: &Mutex<VecDeque<String>>,
+    what: &str,
+) -> String {
+    let (tx, rx) = oneshot::channel();
+    if ctl.send(StderrCtl::End(tx)).await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx).await;
+    }
+    let q = last.lock().unwrap_or_else(|p| p.into_inner());
+    if q.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; last {what}: {}",
+        q.iter().cloned().collect::<Vec<_>>().join(" | ")
+    )
 }

@@ -228,18 +228,7 @@ impl Lambda {
     }
 
     async fn log_tail(&self, last: &Mutex<VecDeque<String>>) -> String {
-        let (tx, rx) = oneshot::channel();
-        if self.log_ctl.send(StderrCtl::End(tx)).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_millis(200), rx).await;
-        }
-        let q = lock(last);
-        if q.is_empty() {
-            return String::new();
-        }
-        format!(
-            "; last output: {}",
-            q.iter().cloned().collect::<Vec<_>>().join(" | ")
-        )
+        handler::output_tail(&self.log_ctl, last, "output").await
     }
 
     /// The runtime's pid (its process group).
