@@ -858,10 +858,7 @@ impl Persistent {
             }
         };
         // Flush the runtime's stderr for this invoke before the result goes out.
-        let (tx, rx) = oneshot::channel();
-        if self.stderr_ctl.send(StderrCtl::End(tx)).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_millis(500), rx).await;
-        }
+        flush_output(&self.stderr_ctl, Duration::from_millis(500)).await;
         if keep {
             (Some(self), r)
         } else {
@@ -887,10 +884,7 @@ pub(crate) async fn output_tail(
     last: &Mutex<VecDeque<String>>,
     what: &str,
 ) -> String {
-    let (tx, rx) = oneshot::channel();
-    if ctl.send(StderrCtl::End(tx)).await.is_ok() {
-        let _ = tokio::time::timeout(Duration::from_millis(200), rx).await;
-    }
+    flush_output(ctl, Duration::from_millis(200)).await;
     let q = last.lock().unwrap_or_else(|p| p.into_inner());
     if q.is_empty() {
         return String::new();
@@ -899,4 +893,12 @@ pub(crate) async fn output_tail(
         "; last {what}: {}",
         q.iter().cloned().collect::<Vec<_>>().join(" | ")
     )
+}
+
+/// Ask a runtime's output task to finish the current invoke's lines, waiting at most `wait`.
+pub(crate) async fn flush_output(ctl: &mpsc::Sender<StderrCtl>, wait: Duration) {
+    let (tx, rx) = oneshot::channel();
+    if ctl.send(StderrCtl::End(tx)).await.is_ok() {
+        let _ = tokio::time::timeout(wait, rx).await;
+    }
 }

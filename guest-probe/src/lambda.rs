@@ -350,10 +350,7 @@ impl Lambda {
                 false
             }
         };
-        let (tx, rx) = oneshot::channel();
-        if self.log_ctl.send(StderrCtl::End(tx)).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_millis(500), rx).await;
-        }
+        handler::flush_output(&self.log_ctl, Duration::from_millis(500)).await;
         if keep {
             (Some(self), r)
         } else {

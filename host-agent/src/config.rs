@@ -11,7 +11,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -412,12 +412,7 @@ impl AgentConfig {
                 },
             });
         }
-        let rules = crate::alerts::rules::validate_all(raw.rules, origin).map_err(|e| match e {
-            crate::alerts::RulesError::Invalid { path, key, reason } => {
-                ConfigError::Invalid { path, key, reason }
-            }
-            other => invalid("rules".into(), other.to_string()),
-        })?;
+        let rules = crate::alerts::rules::validate_all(raw.rules, origin)?;
         let rules_file = match raw.agent.rules {
             None => None,
             Some(p) if p.as_os_str().is_empty() => {

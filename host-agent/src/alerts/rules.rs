@@ -4,39 +4,11 @@
 use super::alarm::{AlarmSpec, Comparison, Statistic};
 use super::matcher::Matcher;
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Why rules could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum RulesError {
-    /// The rules file could not be read.
-    #[error("cannot read rules file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Malformed TOML or unknown / mistyped keys.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// toml's message (names key, line and column).
-        message: String,
-    },
-    /// A value is out of range or inconsistent.
-    #[error("{path}: {key}: {reason}")]
-    Invalid {
-        /// The file.
-        path: String,
-        /// Dotted key, e.g. `rules[2].pattern`.
-        key: String,
-        /// What is wrong.
-        reason: String,
-    },
-}
+/// Why rules could not be loaded: the same errors as the agent config (file, key, reason),
+/// since rules live in sandscope.toml or a file of the same format.
+pub type RulesError = crate::config::ConfigError;
 
 /// A rules file: only `[[rules]]`.
 #[derive(Debug, Default, Deserialize)]
