@@ -2,7 +2,12 @@
 //!
 //! `guest-probe --sandbox-id ID (--fd N | --connect unix:PATH | --connect vsock:CID:PORT)
 //! [--host-id HOSTID] [--handler-kind exec|persistent|lambda] --handler 'SHELL COMMAND'
-//! [--init-timeout-ms MS] [--runtime-api ADDR] [--fork-init] [--root-dir DIR --code-dir DIR]`
+//! [--init-timeout-ms MS] [--runtime-api ADDR] [--fork-init] [--root-dir DIR --code-dir DIR]
+//! [--env KEY=VALUE]...`
+//!
+//! As a microVM's init (PID 1 with `/etc/sandscope/probe.args` in the initramfs) the
+//! arguments come from that file, one per line, and the sandbox id from the kernel command
+//! line (`sandscope.id=ID`): see [`vm_init_args`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,9 +54,13 @@ pub enum ArgsError {
 }
 
 /// Usage text printed for `--help` and after an argument error.
-pub const USAGE: &str = "usage: guest-probe --sandbox-id ID (--fd N | --connect unix:PATH) \
+pub const USAGE: &str = "usage: guest-probe --sandbox-id ID \
+(--fd N | --connect unix:PATH | --connect vsock:CID:PORT) \
 [--host-id HOSTID] [--handler-kind exec|persistent|lambda] --handler 'SHELL COMMAND' \
-[--init-timeout-ms MS] [--runtime-api ADDR] [--fork-init] [--root-dir DIR --code-dir DIR]";
+[--init-timeout-ms MS] [--runtime-api ADDR] [--fork-init] [--root-dir DIR --code-dir DIR] \
+[--env KEY=VALUE]...\n\
+As a microVM's init, the arguments come from /etc/sandscope/probe.args and the sandbox id \
+from sandscope.id= on the kernel command line.";
 
 /// Where the link to the agent comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +69,7 @@ pub enum Endpoint {
     Fd(i32),
     /// Connect to a Unix socket path.
     Unix(PathBuf),
-    /// Connect over AF_VSOCK (not supported yet).
+    /// Connect over AF_VSOCK (microVMs; CID 2 is the host).
     Vsock {
         /// Context id (2 = host).
         cid: u32,
@@ -101,6 +110,37 @@ pub struct Args {
     pub fork_init: bool,
     /// Build and pivot into a sandbox root.
     pub root: Option<RootSpec>,
+    /// Environment for handlers (set in the probe's own environment at start).
+    pub env: Vec<(String, String)>,
+}
+
+/// Where a microVM image carries the probe's arguments.
+pub const VM_ARGS_FILE: &str = "/etc/sandscope/probe.args";
+
+/// A microVM init's command line: the arguments in `args_file` (one per line), then
+/// `--sandbox-id ID` from `sandscope.id=ID` (and `--host-id H` from `sandscope.host=H`) on
+/// the kernel command line, then `extra`
+/// (what the kernel passed after `--`).
+pub fn vm_init_args(args_file: &str, kernel_cmdline: &str, extra: Vec<String>) -> Vec<String> {
+    let mut v: Vec<String> = args_file
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    for (param, option) in [
+        ("sandscope.id=", "--sandbox-id"),
+        ("sandscope.host=", "--host-id"),
+    ] {
+        if let Some(val) = kernel_cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(param))
+        {
+            v.push(option.into());
+            v.push(val.to_string());
+        }
+    }
+    v.extend(extra);
+    v
 }
 
 impl Args {
@@ -122,6 +162,7 @@ impl Args {
         let mut fork_init = false;
         let mut root_dir = None;
         let mut code_dir = None;
+        let mut env = Vec::new();
 
         fn set<T>(slot: &mut Option<T>, name: &str, v: T) -> Result<(), ArgsError> {
             if slot.is_some() {
@@ -203,6 +244,19 @@ impl Args {
                 }
                 "--root-dir" => set(&mut root_dir, &name, PathBuf::from(value(&name)?))?,
                 "--code-dir" => set(&mut code_dir, &name, PathBuf::from(value(&name)?))?,
+                "--env" => {
+                    let v = value(&name)?;
+                    match v.split_once('=') {
+                        Some((k, val)) if !k.is_empty() => env.push((k.into(), val.into())),
+                        _ => {
+                            return Err(ArgsError::InvalidValue {
+                                option: "--env",
+                                value: v,
+                                reason: "expected KEY=VALUE",
+                            })
+                        }
+                    }
+                }
                 "--help" | "-h" => return Err(ArgsError::Help),
                 _ => return Err(ArgsError::Unknown(arg)),
             }
@@ -247,6 +301,7 @@ impl Args {
             runtime_api: runtime_api.unwrap_or(DEFAULT_RUNTIME_API),
             fork_init,
             root,
+            env,
         })
     }
 }
@@ -334,6 +389,44 @@ mod tests {
         assert!(!a.fork_init);
         assert_eq!(a.root, None);
         assert_eq!(a.init_timeout, DEFAULT_INIT_TIMEOUT);
+    }
+
+    #[test]
+    fn env_and_vm_init_args() {
+        let v = vm_init_args(
+            "--connect\nvsock:2:52\n--handler\n./handler.sh --flag\n--env\nA=b=c\n",
+            "console=ttyS0 quiet sandscope.id=sb-7 sandscope.host=h1 tsc_early_khz=2000",
+            vec![],
+        );
+        let a = Args::parse(v).unwrap();
+        assert_eq!(a.sandbox_id, "sb-7");
+        assert_eq!(a.host_id, "h1");
+        assert_eq!(a.endpoint, Endpoint::Vsock { cid: 2, port: 52 });
+        assert_eq!(a.handler, "./handler.sh --flag");
+        assert_eq!(a.env, vec![("A".to_string(), "b=c".to_string())]);
+        // No id on the command line: the parser says what is missing.
+        let v = vm_init_args("--connect\nvsock:2:52\n--handler\nx\n", "quiet", vec![]);
+        assert_eq!(Args::parse(v), Err(ArgsError::Required("--sandbox-id")));
+        let e = Args::parse([
+            "--sandbox-id",
+            "s",
+            "--fd",
+            "3",
+            "--handler",
+            "x",
+            "--env",
+            "NOEQ",
+        ]);
+        assert!(
+            matches!(
+                e,
+                Err(ArgsError::InvalidValue {
+                    option: "--env",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

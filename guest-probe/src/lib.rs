@@ -28,13 +28,17 @@ pub mod transport;
 pub use wire::error_chain;
 
 /// End the sandbox after a clean shutdown. As PID 1 of a machine (a VM's init: PID 1
-/// without `--fork-init`) it powers off, since init must not exit; otherwise it exits 0.
+/// without `--fork-init`) it ends the machine, since init must not exit; otherwise it exits
+/// 0. Our guest kernels have no ACPI, so "power off" would only halt the CPU: the machine
+/// is reset instead, and the VMM (QEMU with `-no-reboot` and `reboot=t`, vmm-lite with
+/// `reboot=k`) exits on reset. Should reboot fail, exiting makes the kernel panic, and
+/// `panic=-1` resets as well.
 pub fn power_off(fork_init: bool) -> ! {
     if std::process::id() == 1 && !fork_init {
         // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
         unsafe {
             libc::sync();
-            libc::reboot(libc::RB_POWER_OFF);
+            libc::reboot(libc::RB_AUTOBOOT);
         }
     }
     std::process::exit(0)

@@ -1,8 +1,8 @@
 //! `guest-probe`: the sandbox init. See the crate docs and README.md.
 
-use guest_probe::args::{Args, ArgsError, USAGE};
+use guest_probe::args::{self, Args, ArgsError, USAGE};
 use guest_probe::clock::{Clock, Markers};
-use guest_probe::probe::{self, Boot};
+use guest_probe::probe::{self, Boot, Ending};
 use guest_probe::{error_chain, forkinit, procinfo, reaper, setup};
 
 fn fail(step: &str, e: &(dyn std::error::Error + 'static)) -> ! {
@@ -10,10 +10,28 @@ fn fail(step: &str, e: &(dyn std::error::Error + 'static)) -> ! {
     std::process::exit(1)
 }
 
+/// PATH for handlers when the probe's environment has none (a VM init gets only HOME and
+/// TERM from the kernel).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 fn main() {
     let clock = Clock::start();
+    // Guest uptime at init: in a microVM, the time the kernel took to reach init.
+    let uptime = procinfo::boot_time_us();
     let mut markers = Markers::new();
-    let args = match Args::parse(std::env::args().skip(1)) {
+    // SAFETY: getpid has no preconditions.
+    let pid1 = unsafe { libc::getpid() } == 1;
+    let vm_init = pid1 && std::path::Path::new(args::VM_ARGS_FILE).is_file();
+    let argv: Vec<String> = if vm_init {
+        // /proc first: the sandbox id is on the kernel command line.
+        setup::mount_missing();
+        let file = std::fs::read_to_string(args::VM_ARGS_FILE).unwrap_or_default();
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        args::vm_init_args(&file, &cmdline, std::env::args().skip(1).collect())
+    } else {
+        std::env::args().skip(1).collect()
+    };
+    let args = match Args::parse(argv) {
         Ok(a) => a,
         Err(ArgsError::Help) => {
             println!("{USAGE}");
@@ -21,9 +39,19 @@ fn main() {
         }
         Err(e) => {
             eprintln!("guest-probe: {e}\n{USAGE}");
+            if vm_init {
+                guest_probe::power_off(false)
+            }
             std::process::exit(2);
         }
     };
+    // Still single-threaded: setting the environment here is safe.
+    if std::env::var_os("PATH").is_none() {
+        std::env::set_var("PATH", DEFAULT_PATH);
+    }
+    for (k, v) in &args.env {
+        std::env::set_var(k, v);
+    }
     if args.fork_init {
         let link_fd = match args.endpoint {
             guest_probe::args::Endpoint::Fd(fd) => Some(fd),
@@ -33,26 +61,35 @@ fn main() {
             fail("--fork-init", &e);
         }
     }
-    // SAFETY: getpid has no preconditions.
-    let pid1 = unsafe { libc::getpid() } == 1;
-    let mut uptime = procinfo::read_uptime_us();
+    // After fork-init the namespace's own boot clock applies (the same one, for now).
+    let uptime = if args.fork_init {
+        procinfo::boot_time_us()
+    } else {
+        uptime
+    };
+    let vm_fail = |step: &str, e: &(dyn std::error::Error + 'static)| -> ! {
+        eprintln!("guest-probe: {step}: {}", error_chain(e));
+        if vm_init {
+            guest_probe::power_off(false)
+        }
+        std::process::exit(1)
+    };
     if let Some(root) = &args.root {
         if let Err(e) = setup::build_root(root) {
             fail("building the sandbox root", &e);
         }
-        if let Err(e) = setup::set_hostname(&args.sandbox_id) {
-            fail("setting the hostname", &e);
-        }
-        if let Err(e) = setup::loopback_up() {
-            fail("network setup", &e);
-        }
     } else if pid1 {
         setup::mount_missing();
     }
-    markers.mark(&clock, "mounts_done");
-    if uptime.is_none() {
-        uptime = procinfo::read_uptime_us();
+    if args.root.is_some() || vm_init {
+        if let Err(e) = setup::set_hostname(&args.sandbox_id) {
+            vm_fail("setting the hostname", &e);
+        }
+        if let Err(e) = setup::loopback_up() {
+            vm_fail("network setup", &e);
+        }
     }
+    markers.mark(&clock, "mounts_done");
     setup::protect_from_oom();
     if !pid1 {
         reaper::become_subreaper();
@@ -65,7 +102,7 @@ fn main() {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => fail("starting the async runtime", &e),
+        Err(e) => vm_fail("starting the async runtime", &e),
     };
     let fork_init = args.fork_init;
     let boot = Boot {
@@ -75,11 +112,23 @@ fn main() {
         view,
         uptime_at_init_us: uptime.unwrap_or(0),
     };
-    match rt.block_on(probe::serve(boot)) {
-        Ok(probe::Ending::Clean) => {
+    let served = rt.block_on(async move {
+        let reaper = reaper::Reaper::start().map_err(probe::ProbeError::StartReaper)?;
+        loop {
+            match probe::serve(boot.clone(), reaper.clone()).await? {
+                // A VM outlives its link: connect again and say Hello again.
+                Ending::LinkLost if vm_init => {
+                    eprintln!("guest-probe: link to the agent lost; reconnecting");
+                }
+                e => return Ok::<_, probe::ProbeError>(e),
+            }
+        }
+    });
+    match served {
+        Ok(_) => {
             drop(rt);
             guest_probe::power_off(fork_init)
         }
-        Err(e) => fail("serving the agent", &e),
+        Err(e) => vm_fail("serving the agent", &e),
     }
 }

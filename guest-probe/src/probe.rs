@@ -35,7 +35,7 @@ pub enum ProbeError {
 }
 
 /// What was learned during setup, handed to [`serve`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Boot {
     /// The command line.
     pub args: Args,
@@ -52,9 +52,15 @@ pub struct Boot {
 /// How the agent asked the probe to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
-    /// Shutdown frame, end of stream or SIGTERM: exit 0.
+    /// Shutdown frame or SIGTERM: exit 0.
     Clean,
+    /// The link ended without a Shutdown (a VM init reconnects; a process exits 0).
+    LinkLost,
 }
+
+/// How long to keep trying to reach the agent (a VM may boot before its host-side
+/// socket is connected).
+pub const CONNECT_LIMIT: Duration = Duration::from_secs(60);
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -73,8 +79,9 @@ async fn optional<T>(f: &mut Option<BoxFut<T>>) -> T {
     }
 }
 
-/// Serve the agent. Must run inside a current-thread tokio runtime.
-pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
+/// Serve the agent. Must run inside a current-thread tokio runtime; `reaper` is shared by
+/// successive links (started once, before any child).
+pub async fn serve(boot: Boot, reaper: Reaper) -> Result<Ending, ProbeError> {
     let Boot {
         args,
         clock,
@@ -82,17 +89,15 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
         view,
         uptime_at_init_us,
     } = boot;
-    // The reaper and SIGCHLD stream come first: no child may exit unseen.
-    let reaper = Reaper::start().map_err(ProbeError::StartReaper)?;
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| ProbeError::InstallSignal("SIGTERM", e))?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| ProbeError::InstallSignal("SIGINT", e))?;
 
-    let link = transport::for_endpoint(&args.endpoint)
-        .connect()
-        .map_err(ProbeError::Connect)?;
+    let transport = transport::for_endpoint(&args.endpoint);
+    let link =
+        transport::connect_with_retry(&*transport, CONNECT_LIMIT).map_err(ProbeError::Connect)?;
     let (rd, wr) = link.into_split().map_err(ProbeError::Connect)?;
     markers.mark(&clock, "connected");
     let mut reader = AsyncFrameReader::new(rd);
@@ -159,12 +164,12 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
     }
     let mut inflight: Option<BoxFut<(Option<Slot>, InvokeResult)>> = None;
 
-    let grace = loop {
+    let (grace, ending) = loop {
         tokio::select! {
             f = reader.next() => {
                 let frame = match f {
                     Ok(Some(f)) => f,
-                    Ok(None) => break 0,
+                    Ok(None) => break (0, Ending::LinkLost),
                     Err(e) => {
                         shutdown_handlers(&ctx, 0).await;
                         return Err(ProbeError::Decode(e));
@@ -231,7 +236,7 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
                     Some(Body::Pong(_)) => {}
                     Some(Body::Shutdown(s)) => {
                         eprintln!("guest-probe: shutdown requested: {}", s.reason);
-                        break s.grace_ms;
+                        break (s.grace_ms, Ending::Clean);
                     }
                     _ => eprintln!("guest-probe: ignoring unexpected {} frame", frame.kind()),
                 }
@@ -269,8 +274,8 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
                     _ => {}
                 }
             }
-            _ = sigterm.recv() => break SIGNAL_GRACE_MS,
-            _ = sigint.recv() => break SIGNAL_GRACE_MS,
+            _ = sigterm.recv() => break (SIGNAL_GRACE_MS, Ending::Clean),
+            _ = sigint.recv() => break (SIGNAL_GRACE_MS, Ending::Clean),
         }
     };
     drop(inflight);
@@ -278,7 +283,7 @@ pub async fn serve(boot: Boot) -> Result<Ending, ProbeError> {
     drop(slot);
     shutdown_handlers(&ctx, grace).await;
     outbox.flush(Duration::from_secs(1)).await;
-    Ok(Ending::Clean)
+    Ok(ending)
 }
 
 /// Grace given to handlers when the probe itself gets SIGTERM/SIGINT.

@@ -1,6 +1,7 @@
-//! The link to the agent. A [`Transport`] produces a connected stream [`Link`]; today an
-//! inherited socket fd or a Unix socket path, later AF_VSOCK (microVMs) behind the same
-//! trait.
+//! The link to the agent. A [`Transport`] produces a connected stream [`Link`]: an
+//! inherited socket fd (process sandboxes), a Unix socket path, or AF_VSOCK to the host
+//! (microVMs: the VMM forwards CID 2 port P to the host socket `<uds>_P`).
+//! [`connect_with_retry`] keeps trying while the other side is not there yet.
 
 use crate::args::Endpoint;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -35,13 +36,27 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
-    /// vsock is not implemented yet.
-    #[error("vsock transport (cid {cid}, port {port}) is not supported yet")]
-    VsockUnsupported {
+    /// Connecting over vsock failed.
+    #[error("connecting to vsock cid {cid} port {port}")]
+    ConnectVsock {
         /// Context id.
         cid: u32,
         /// Port.
         port: u32,
+        /// What socket/connect said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Retrying did not help.
+    #[error("gave up after {attempts} attempts in {waited_ms} ms")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent.
+        waited_ms: u64,
+        /// The last error.
+        #[source]
+        last: Box<TransportError>,
     },
     /// Registering the socket with the async runtime failed.
     #[error("registering the link with the runtime")]
@@ -67,7 +82,9 @@ impl Link {
 
     /// Register with the tokio runtime (must be called inside it) and split in two.
     pub fn into_split(self) -> Result<(LinkReader, LinkWriter), TransportError> {
-        // AF_UNIX today; an AF_VSOCK link will get its own AsyncFd-based wrapper here.
+        // tokio's UnixStream only does read/write/shutdown/epoll on the fd, which behave the
+        // same on any connected SOCK_STREAM socket, AF_VSOCK included (its address methods
+        // are never called on a link).
         let std = UnixStream::from(self.fd);
         std.set_nonblocking(true)
             .map_err(TransportError::Register)?;
@@ -81,6 +98,63 @@ impl Link {
 pub trait Transport {
     /// Produce a connected link.
     fn connect(&self) -> Result<Link, TransportError>;
+    /// Whether a failed connect may succeed later (the listener may not be up yet).
+    fn retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Whether a connect error is worth retrying: nobody listening yet, the device or the
+/// host side not ready, or a reset during setup.
+fn transient(e: &TransportError) -> bool {
+    let src = match e {
+        TransportError::ConnectUnix { source, .. }
+        | TransportError::ConnectVsock { source, .. } => source,
+        _ => return false,
+    };
+    matches!(
+        src.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::ECONNRESET
+                | libc::ENOENT
+                | libc::ENODEV
+                | libc::ETIMEDOUT
+                | libc::EAGAIN
+                | libc::EINTR
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+        )
+    )
+}
+
+/// Connect; if the transport is retryable and the error transient, retry with backoff
+/// (1 ms doubling to 200 ms) until `limit` has passed.
+pub fn connect_with_retry(
+    t: &dyn Transport,
+    limit: std::time::Duration,
+) -> Result<Link, TransportError> {
+    let t0 = std::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(1);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match t.connect() {
+            Ok(l) => return Ok(l),
+            Err(e) if t.retryable() && transient(&e) => {
+                if t0.elapsed() + delay > limit {
+                    return Err(TransportError::GaveUp {
+                        attempts,
+                        waited_ms: t0.elapsed().as_millis() as u64,
+                        last: Box::new(e),
+                    });
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A socket inherited from the agent on a known fd.
@@ -124,9 +198,13 @@ impl Transport for UnixPath {
         })?;
         Ok(Link::from_fd(s.into()))
     }
+
+    fn retryable(&self) -> bool {
+        true
+    }
 }
 
-/// AF_VSOCK to (cid, port). Not implemented yet: [`Transport::connect`] says so.
+/// AF_VSOCK to (cid, port).
 #[derive(Debug, Clone, Copy)]
 pub struct Vsock {
     /// Context id (2 = host).
@@ -137,10 +215,39 @@ pub struct Vsock {
 
 impl Transport for Vsock {
     fn connect(&self) -> Result<Link, TransportError> {
-        Err(TransportError::VsockUnsupported {
+        let err = |source| TransportError::ConnectVsock {
             cid: self.cid,
             port: self.port,
-        })
+            source,
+        };
+        // SAFETY: socket(2) takes no pointers.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: socket() just returned this fd and nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = self.cid;
+        addr.svm_port = self.port;
+        // SAFETY: addr is a valid sockaddr_vm and the length passed is its size.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        Ok(Link::from_fd(owned))
+    }
+
+    fn retryable(&self) -> bool {
+        true
     }
 }
 
@@ -162,11 +269,51 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     #[test]
-    fn vsock_says_not_supported() {
-        let e = for_endpoint(&Endpoint::Vsock { cid: 2, port: 52 })
+    fn vsock_errors_name_cid_and_port() {
+        // No vsock transport on a plain host (or nobody on port 1 of CID 2): a clear error.
+        let e = for_endpoint(&Endpoint::Vsock { cid: 2, port: 1 })
             .connect()
             .unwrap_err();
-        assert!(e.to_string().contains("not supported yet"), "{e}");
+        assert!(e.to_string().contains("vsock cid 2 port 1"), "{e}");
+    }
+
+    #[test]
+    fn retry_waits_for_a_late_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("late.sock");
+        let p2 = path.clone();
+        let th = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            let l = std::os::unix::net::UnixListener::bind(&p2).unwrap();
+            l.accept().unwrap()
+        });
+        let link = connect_with_retry(&UnixPath(path), std::time::Duration::from_secs(5));
+        assert!(link.is_ok(), "{link:?}");
+        th.join().unwrap();
+    }
+
+    #[test]
+    fn retry_gives_up_with_the_last_error() {
+        let t0 = std::time::Instant::now();
+        let e = connect_with_retry(
+            &UnixPath("/nonexistent/sock".into()),
+            std::time::Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2));
+        let msg = crate::error_chain(&e);
+        assert!(
+            msg.contains("gave up after") && msg.contains("/nonexistent/sock"),
+            "{msg}"
+        );
+        // A non-retryable transport fails at once.
+        let f = std::fs::File::open("/proc/self/stat").unwrap();
+        let e = connect_with_retry(
+            &InheritedFd(f.as_raw_fd()),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(matches!(e, TransportError::NotSocket { .. }), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! API serves. One instance per host.
 
 use crate::config::{AgentConfig, FunctionSpec};
-use crate::drivers::{self, Driver, DriverError, SandboxSpec};
+use crate::drivers::{self, Driver, DriverError, LinkSource, SandboxSpec};
 use crate::link::{Link, LinkError, LogLine};
 use crate::metrics::AgentMetrics;
 use crate::pool::{BootTimes, Pool, Sandbox, SandboxState};
@@ -341,8 +341,23 @@ impl Agent {
             .map_err(|e| BootFailure::Platform(chain(&e)))?;
         let running_at = spawned.running_at;
         let handle = spawned.handle;
+        let stream = match spawned.link {
+            LinkSource::Connected(s) => s,
+            LinkSource::Listening(l) => match accept_probe(&l, &*handle, deadline).await {
+                Ok(s) => s,
+                Err(why) => {
+                    let diag = handle.diagnostics();
+                    handle.destroy().await;
+                    let mut msg = format!("sandbox {}: {why}", spec.id);
+                    if !diag.is_empty() {
+                        msg.push_str(&format!("; console: {}", tail_lines(&diag, 12)));
+                    }
+                    return Err(BootFailure::Platform(msg));
+                }
+            },
+        };
         let hs = match Link::handshake(
-            spawned.stream,
+            stream,
             &spec.id,
             &pool.spec.name,
             deadline.saturating_duration_since(Instant::now()),
@@ -402,11 +417,25 @@ impl Agent {
             return Err(BootFailure::Init(ready.error));
         }
         let now = Instant::now();
-        let boot = BootTimes {
+        let to_hello = us(hs.hello_at.saturating_duration_since(running_at));
+        let mut boot = BootTimes {
             spawn_us: us(running_at.saturating_duration_since(t0)),
-            probe_init_us: us(hs.hello_at.saturating_duration_since(running_at)),
+            probe_init_us: to_hello,
             runtime_init_us: us(now.saturating_duration_since(hs.hello_at)),
+            vmm_setup_us: None,
+            kernel_us: None,
         };
+        if handle.is_vm() {
+            let w = crate::drivers::vm::waterfall(
+                to_hello,
+                hs.hello.uptime_at_init_us,
+                hs.hello.sent_since_init_ns / 1000,
+                handle.vmm_setup_us().await,
+            );
+            boot.vmm_setup_us = Some(w.vmm_setup_us);
+            boot.kernel_us = Some(w.kernel_us);
+            boot.probe_init_us = w.probe_init_us;
+        }
         let sb = Arc::new(Sandbox::new(
             spec.id.clone(),
             pool.spec.clone(),
@@ -580,6 +609,12 @@ impl Agent {
                     sample.cold = true;
                     sample.phases_us[Phase::Spawn as usize] = sb.boot.spawn_us;
                     sample.phases_us[Phase::ProbeInit as usize] = sb.boot.probe_init_us;
+                    if let Some(v) = sb.boot.vmm_setup_us {
+                        sample.phases_us[Phase::VmmSetup as usize] = v;
+                    }
+                    if let Some(k) = sb.boot.kernel_us {
+                        sample.phases_us[Phase::Kernel as usize] = k;
+                    }
                     sample.phases_us[Phase::RuntimeInit as usize] = sb.boot.runtime_init_us;
                     sb
                 }
@@ -839,14 +874,25 @@ impl Agent {
         let mut hosts: BTreeMap<(String, String), HostView> = BTreeMap::new();
         let host_mem = crate::procfs::host_mem();
         let local_boot = crate::procfs::boot_id();
+        let local_machine = crate::procfs::machine_id();
         for v in &views {
-            let key = (v.probe.boot_id.clone(), v.probe.machine_id.clone());
+            // A microVM has its own kernel (boot_id) but runs on this host: its VMM's
+            // memory and vCPUs are packed here.
+            let (boot_id, machine_id) = if v.guest.is_some() {
+                (local_boot.clone(), local_machine.clone())
+            } else {
+                (v.probe.boot_id.clone(), v.probe.machine_id.clone())
+            };
+            let key = (boot_id.clone(), machine_id.clone());
             let h = hosts.entry(key).or_insert_with(|| HostView {
-                boot_id: v.probe.boot_id.clone(),
-                machine_id: v.probe.machine_id.clone(),
-                local: v.probe.boot_id == local_boot,
+                local: boot_id == local_boot,
+                boot_id,
+                machine_id,
                 ..Default::default()
             });
+            if v.guest.is_some() {
+                h.microvms += 1;
+            }
             h.sandboxes.add(v.state);
             h.memory_committed_bytes += v.memory_limit_bytes;
             h.memory_resident_bytes += v.usage.rss_bytes;
@@ -890,6 +936,11 @@ impl Agent {
                 .map(|m| (m.name.clone(), m.since_init_ns))
                 .collect(),
             logs: sb.link.recent_logs(),
+            console: if sb.handle.is_vm() {
+                sb.handle.diagnostics().lines().map(String::from).collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -1073,10 +1124,13 @@ pub struct SandboxView {
     pub rss_bytes: u64,
     /// Host-side usage.
     pub usage: drivers::Usage,
-    /// Memory limit, bytes.
+    /// Memory limit, bytes (a microVM's guest memory).
     pub memory_limit_bytes: u64,
-    /// CPU limit, cores.
+    /// CPU limit, cores (a microVM's vCPUs).
     pub cpus: f64,
+    /// What a microVM guest was given (None for process sandboxes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<drivers::Configured>,
     /// Start timings.
     pub boot: BootTimes,
     /// Probe report.
@@ -1089,6 +1143,7 @@ fn sandbox_view(sb: &Sandbox) -> SandboxView {
     let cpu = h.cpu.clone().unwrap_or_default();
     let mem = h.mem.clone().unwrap_or_default();
     let host = h.host.clone().unwrap_or_default();
+    let guest = sb.handle.configured();
     SandboxView {
         id: sb.id.clone(),
         function: sb.function.name.clone(),
@@ -1099,8 +1154,9 @@ fn sandbox_view(sb: &Sandbox) -> SandboxView {
         idle_s: sb.idle_for().as_secs_f64(),
         rss_bytes: usage.rss_bytes,
         usage,
-        memory_limit_bytes: sb.function.memory_bytes(),
-        cpus: sb.function.cpus,
+        memory_limit_bytes: guest.map_or(sb.function.memory_bytes(), |g| g.memory_bytes),
+        cpus: guest.map_or(sb.function.cpus, |g| g.vcpus as f64),
+        guest,
         boot: sb.boot,
         probe: ProbeView {
             boot_id: h.boot_id.clone(),
@@ -1132,7 +1188,9 @@ pub struct HostView {
     pub local: bool,
     /// Sandboxes by state.
     pub sandboxes: StateCounts,
-    /// Sum of memory limits, bytes.
+    /// How many of them are microVMs.
+    pub microvms: u32,
+    /// Sum of memory limits (microVMs: guest memory), bytes.
     pub memory_committed_bytes: u64,
     /// Sum of resident memory, bytes.
     pub memory_resident_bytes: u64,
@@ -1169,4 +1227,35 @@ pub struct SandboxDetail {
     pub markers: Vec<(String, u64)>,
     /// Recent log lines.
     pub logs: Vec<LogLine>,
+    /// A microVM's serial console, last lines (kernel messages, the probe's stderr).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub console: Vec<String>,
+}
+
+/// Wait for a microVM's probe to connect: until the deadline, or until the VM exits.
+async fn accept_probe(
+    l: &tokio::net::UnixListener,
+    handle: &dyn crate::drivers::SandboxHandle,
+    deadline: Instant,
+) -> Result<tokio::net::UnixStream, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::select! {
+        r = l.accept() => r
+            .map(|(s, _)| s)
+            .map_err(|e| format!("accepting the guest probe's connection: {e}")),
+        exited = handle.wait_exited(left) => Err(if exited {
+            "the VM exited before its probe connected".to_string()
+        } else {
+            format!(
+                "boot timeout: the guest's probe did not connect (no Hello) within {:.1} s",
+                left.as_secs_f64()
+            )
+        }),
+    }
+}
+
+/// The last `n` lines of `text`, joined with ` | `.
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }

@@ -74,6 +74,14 @@ pub struct RawAgent {
     pub jsonl: Option<String>,
     /// Alert rules file (reloaded on SIGHUP and `POST /v1/rules/reload`).
     pub rules: Option<PathBuf>,
+    /// Guest kernel for the microVM drivers (default: the one `sandscope image build` cached).
+    pub kernel: Option<PathBuf>,
+    /// `qemu-system-x86_64` binary (default: found on PATH).
+    pub qemu: Option<PathBuf>,
+    /// `vhost-device-vsock` binary (default: PATH, then scripts/guest-deps' cache).
+    pub vhost_device_vsock: Option<PathBuf>,
+    /// `vmm-lite` binary (default: next to sandscope, then PATH).
+    pub vmm_lite: Option<PathBuf>,
 }
 
 /// Raw `[[functions]]`.
@@ -232,6 +240,21 @@ pub struct AgentConfig {
     pub rules: Vec<crate::alerts::Rule>,
     /// The reloadable alert rules file (relative paths resolved against this file).
     pub rules_file: Option<PathBuf>,
+    /// Binaries and kernel for the microVM drivers.
+    pub vm: VmConfig,
+}
+
+/// What the microVM drivers use; `None` means "find it" (see the driver docs).
+#[derive(Debug, Clone, Default)]
+pub struct VmConfig {
+    /// Guest kernel (bzImage or vmlinux).
+    pub kernel: Option<PathBuf>,
+    /// QEMU binary.
+    pub qemu: Option<PathBuf>,
+    /// vhost-device-vsock binary.
+    pub vhost_device_vsock: Option<PathBuf>,
+    /// vmm-lite binary.
+    pub vmm_lite: Option<PathBuf>,
 }
 
 /// Default HTTP address.
@@ -421,7 +444,21 @@ impl AgentConfig {
             Some(p) if p.is_absolute() => Some(p),
             Some(p) => Some(base.join(p)),
         };
+        let resolve = |p: Option<PathBuf>| match p {
+            Some(p) if p.is_relative() && p.components().count() > 1 => Some(base.join(p)),
+            other => other,
+        };
+        let vm = VmConfig {
+            kernel: raw
+                .agent
+                .kernel
+                .map(|k| if k.is_relative() { base.join(k) } else { k }),
+            qemu: resolve(raw.agent.qemu),
+            vhost_device_vsock: resolve(raw.agent.vhost_device_vsock),
+            vmm_lite: resolve(raw.agent.vmm_lite),
+        };
         Ok(AgentConfig {
+            vm,
             rules,
             rules_file,
             http,

@@ -37,6 +37,12 @@ pub struct BootTimes {
     pub probe_init_us: u64,
     /// Hello → Ready, µs.
     pub runtime_init_us: u64,
+    /// VMM start → guest kernel running, µs (microVMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_setup_us: Option<u64>,
+    /// Kernel → init, µs (microVMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_us: Option<u64>,
 }
 
 #[derive(Debug)]

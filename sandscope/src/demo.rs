@@ -14,13 +14,16 @@ use std::sync::Arc;
 pub async fn run(a: DemoArgs) -> Result<ExitCode> {
     let state_dir =
         host_agent::config::default_state_dir().join(format!("demo-{}", std::process::id()));
-    let cfg = load_config(
+    let mut cfg = load_config(
         a.config.as_ref(),
         Some(state_dir.clone()),
         a.probe.clone(),
         Some(a.driver),
         Some("127.0.0.1:0".parse().expect("static address")),
     )?;
+    if a.kernel.is_some() {
+        cfg.vm.kernel = a.kernel.clone();
+    }
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
         .context("binding the demo agent")?;

@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod embedded;
+mod image;
 mod render;
 mod rules;
 mod top;
@@ -44,6 +45,15 @@ enum Cmd {
     /// Alert rules: try them offline against a log.
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// Guest images for the microVM drivers (qemu, vmm-lite).
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Build (or find in the cache) the guest kernel, and write each function's initramfs.
+    Build(image::BuildArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,6 +85,9 @@ struct DemoArgs {
     /// guest-probe binary (default: found next to sandscope or in target/).
     #[arg(long, env = "SANDSCOPE_PROBE")]
     probe: Option<PathBuf>,
+    /// Guest kernel for the microVM drivers (default: the one `sandscope image build` cached).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -102,6 +115,10 @@ struct AgentArgs {
     /// `[agent] rules`).
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// Guest kernel for the microVM drivers (overrides `[agent] kernel`; default: the one
+    /// `sandscope image build` cached).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -179,6 +196,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Rules(RulesCmd::Test(a)) => rules::test(a),
         Cmd::Rules(RulesCmd::Bench(a)) => rules::bench(a),
         Cmd::Top(a) => top::run(a).await,
+        Cmd::Image(ImageCmd::Build(a)) => image::build(a).await,
     }
 }
 
@@ -221,6 +239,9 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
     }
     if a.rules.is_some() {
         cfg.rules_file = a.rules;
+    }
+    if a.kernel.is_some() {
+        cfg.vm.kernel = a.kernel;
     }
     let addr = cfg.http;
     let listener = tokio::net::TcpListener::bind(addr)

@@ -2,6 +2,9 @@
 //! the invoke path only see [`Driver`] and [`SandboxHandle`].
 
 pub mod process;
+pub mod qemu;
+pub mod vm;
+pub mod vmm_lite;
 
 use crate::config::{AgentConfig, DriverChoice, FunctionSpec};
 use std::future::Future;
@@ -75,10 +78,18 @@ pub struct SandboxSpec {
     pub host_id: String,
 }
 
+/// How the agent gets its end of the probe link.
+pub enum LinkSource {
+    /// Already connected (a socketpair with a process sandbox).
+    Connected(tokio::net::UnixStream),
+    /// The guest will connect here (a microVM's vsock forwarded to `<uds>_PORT`).
+    Listening(tokio::net::UnixListener),
+}
+
 /// A started sandbox: the agent's end of the probe link plus a control handle.
 pub struct Spawned {
-    /// Connected stream to the probe.
-    pub stream: tokio::net::UnixStream,
+    /// The probe link, or where it will arrive.
+    pub link: LinkSource,
     /// Control handle.
     pub handle: Box<dyn SandboxHandle>,
     /// When the sandbox process was running (end of the spawn phase).
@@ -115,10 +126,32 @@ pub trait SandboxHandle: Send + Sync {
             true
         })
     }
-    /// Last lines the sandbox process itself wrote (diagnostics for failed starts).
+    /// Last lines the sandbox process itself wrote (diagnostics for failed starts; a VM's
+    /// serial console).
     fn diagnostics(&self) -> String;
+    /// Whether this is a microVM (its boot has vmm_setup and kernel phases).
+    fn is_vm(&self) -> bool {
+        false
+    }
+    /// VMM process start → first KVM_RUN in µs, if the VMM reports it (vmm-lite).
+    fn vmm_setup_us(&self) -> BoxFuture<'_, Option<u64>> {
+        Box::pin(async { None })
+    }
+    /// Resources configured for the guest (VMs): committed memory and vCPUs.
+    fn configured(&self) -> Option<Configured> {
+        None
+    }
     /// Kill everything and release resources. Idempotent.
     fn destroy(&self) -> BoxFuture<'_, ()>;
+}
+
+/// What a VM was given, as opposed to what it uses.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Configured {
+    /// Guest memory, bytes (committed to the guest).
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
 }
 
 /// A way to run sandboxes.
@@ -163,6 +196,10 @@ pub fn detect_kvm() -> KvmKind {
 }
 
 /// Pick the driver as DESIGN §5 describes; the string says which and why.
+///
+/// `auto` uses vmm-lite on hardware KVM (then qemu with KVM), and the process driver
+/// elsewhere: under PVM or without KVM, QEMU would emulate the guest (TCG, ~1 s boots),
+/// which `--driver qemu` asks for explicitly.
 pub fn select(cfg: &AgentConfig) -> Result<(Arc<dyn Driver>, String), DriverError> {
     let kvm = detect_kvm();
     let vm_reason = match kvm {
@@ -170,36 +207,85 @@ pub fn select(cfg: &AgentConfig) -> Result<(Arc<dyn Driver>, String), DriverErro
         KvmKind::Pvm => {
             "KVM here is PVM (kvm_pvm): standard guest kernels cannot boot under it".into()
         }
-        KvmKind::Hardware => {
-            "hardware KVM is present, but this build has no microVM drivers yet".into()
-        }
+        KvmKind::Hardware => "hardware KVM is present".into(),
+    };
+    let forced = |d: Arc<dyn Driver>| {
+        let why = format!(
+            "{} driver (forced by --driver {}): {}",
+            d.name(),
+            d.name(),
+            d.describe()
+        );
+        Ok((d, why))
     };
     match cfg.driver {
-        DriverChoice::VmmLite => Err(DriverError::Unavailable {
-            driver: "vmm-lite",
-            reason: format!("{vm_reason}; use --driver process"),
-        }),
-        DriverChoice::Qemu => Err(DriverError::Unavailable {
-            driver: "qemu",
-            reason: "this build has no qemu driver yet; use --driver process".into(),
-        }),
-        DriverChoice::Process => {
-            let d = process::ProcessDriver::new(cfg)?;
-            let why = format!(
-                "process driver (forced by --driver process): {}",
-                d.describe()
-            );
-            Ok((Arc::new(d), why))
+        DriverChoice::VmmLite => {
+            if kvm != KvmKind::Hardware {
+                return Err(DriverError::Unavailable {
+                    driver: "vmm-lite",
+                    reason: format!("{vm_reason}; use --driver qemu or --driver process"),
+                });
+            }
+            forced(Arc::new(vmm_lite::VmmLiteDriver::new(cfg)?))
         }
+        DriverChoice::Qemu => forced(Arc::new(qemu::QemuDriver::new(cfg, &kvm)?)),
+        DriverChoice::Process => forced(Arc::new(process::ProcessDriver::new(cfg)?)),
         DriverChoice::Auto => {
+            let mut skipped = Vec::new();
+            if kvm == KvmKind::Hardware {
+                match vmm_lite::VmmLiteDriver::new(cfg) {
+                    Ok(d) => {
+                        let why = format!("vmm-lite driver (auto: {vm_reason}): {}", d.describe());
+                        return Ok((Arc::new(d), why));
+                    }
+                    Err(e) => skipped.push(format!("vmm-lite: {e}")),
+                }
+                match qemu::QemuDriver::new(cfg, &kvm) {
+                    Ok(d) => {
+                        let why = format!(
+                            "qemu driver (auto: {vm_reason}; {}): {}",
+                            skipped.join("; "),
+                            d.describe()
+                        );
+                        return Ok((Arc::new(d), why));
+                    }
+                    Err(e) => skipped.push(format!("qemu: {e}")),
+                }
+            } else {
+                skipped.push(format!(
+                    "{vm_reason}; --driver qemu runs microVMs under emulation (TCG)"
+                ));
+            }
             let d = process::ProcessDriver::new(cfg)?;
             let why = format!(
-                "process driver (auto: microVMs not used because {vm_reason}): {}",
+                "process driver (auto: microVMs not used because {}): {}",
+                skipped.join("; "),
                 d.describe()
             );
             Ok((Arc::new(d), why))
         }
     }
+}
+
+/// Find an executable: the configured path, else `name` on PATH, else the first of
+/// `extra` that exists.
+pub fn find_binary(configured: Option<&Path>, name: &str, extra: &[PathBuf]) -> Option<PathBuf> {
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if let Some(p) = configured {
+        if p.components().count() > 1 {
+            return is_exec(p).then(|| p.to_path_buf());
+        }
+        return find_binary(None, &p.to_string_lossy(), extra);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .chain(extra.iter().cloned())
+        .find(|p| is_exec(p))
 }
 
 /// Where to find the static guest-probe: config, `SANDSCOPE_PROBE`, then next to the

@@ -244,7 +244,7 @@ impl ProcessDriver {
             st.exit_notify.notify_waiters();
         });
         Ok(Spawned {
-            stream,
+            link: super::LinkSource::Connected(stream),
             running_at,
             handle: Box::new(ProcSandbox {
                 pid,

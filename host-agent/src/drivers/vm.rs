@@ -1,0 +1,515 @@
+//! What the microVM drivers (qemu, vmm-lite) share: the guest images, the guest's
+//! command line, the probe's vsock endpoint, supervision of the VMM's processes, and the
+//! cold-start waterfall of a VM boot.
+//!
+//! The probe link: the guest probe connects to CID 2 port [`PROBE_PORT`]; the vsock
+//! backend (vhost-device-vsock or vmm-lite's muxer) forwards that to the host Unix socket
+//! `<uds>_52`, on which the driver listens before the VM starts.
+
+use super::{BoxFuture, Configured, DriverError, Usage};
+use crate::config::{AgentConfig, FunctionSpec};
+use guest_image::kernel::Kernel;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// vsock port the probe connects to (DESIGN §4).
+pub const PROBE_PORT: u32 = 52;
+/// The guest's vsock context id (each VM has its own vsock device, so all use 3).
+pub const GUEST_CID: u32 = 3;
+/// Smallest guest memory we boot, MiB (kernel + initramfs + probe need ~40).
+pub const MIN_GUEST_MEM_MIB: u64 = 64;
+/// Console lines kept per VM.
+const CONSOLE_LINES: usize = 200;
+
+/// The kernel and one initramfs per function.
+#[derive(Debug)]
+pub struct Images {
+    /// The guest kernel.
+    pub kernel: Kernel,
+    initrds: HashMap<String, PathBuf>,
+}
+
+impl Images {
+    /// Find the kernel (configured, else the cached build) and write each function's
+    /// initramfs into `STATE_DIR/images` (content-addressed, so unchanged ones are reused).
+    pub fn prepare(cfg: &AgentConfig, driver: &'static str) -> Result<Self, DriverError> {
+        let unavailable = |reason: String| DriverError::Unavailable { driver, reason };
+        let kernel = match &cfg.vm.kernel {
+            Some(k) => guest_image::kernel::check_user_kernel(k)
+                .map_err(|e| unavailable(wire::error_chain(&e)))?,
+            None => {
+                let cache = guest_image::cache_dir();
+                match guest_image::kernel::cached(&cache) {
+                    Ok(Some(k)) => k,
+                    Ok(None) => {
+                        return Err(unavailable(format!(
+                            "no guest kernel: run `sandscope image build` once (builds the minimal kernel into {}), or give one with --kernel PATH",
+                            cache.join("kernel").display()
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(unavailable(format!(
+                            "no guest kernel ({}); or give one with --kernel PATH",
+                            wire::error_chain(&e)
+                        )))
+                    }
+                }
+            }
+        };
+        let probe = super::find_probe(cfg.probe.as_deref())?;
+        let busybox = guest_image::find_busybox();
+        let dir = cfg.state_dir.join("images");
+        let mut initrds = HashMap::new();
+        for f in &cfg.functions {
+            let spec = guest_image::initramfs::Spec {
+                probe: probe.clone(),
+                busybox: busybox.clone(),
+                code_dir: Some(f.code.clone()),
+                probe_args: probe_args(f),
+            };
+            let path = guest_image::initramfs::build_cached(&spec, &dir, &f.name).map_err(|e| {
+                unavailable(format!(
+                    "initramfs for function {}: {}",
+                    f.name,
+                    wire::error_chain(&e)
+                ))
+            })?;
+            initrds.insert(f.name.clone(), path);
+        }
+        Ok(Self { kernel, initrds })
+    }
+
+    /// The initramfs of a function.
+    pub fn initrd(&self, function: &str) -> Result<&Path, DriverError> {
+        self.initrds
+            .get(function)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| DriverError::Unavailable {
+                driver: "vm",
+                reason: format!("no initramfs for function {function} (added after start?)"),
+            })
+    }
+}
+
+/// The probe's command line inside the guest (stored in the initramfs); the sandbox and
+/// host ids come from the kernel command line.
+pub fn probe_args(f: &FunctionSpec) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "--connect".into(),
+        format!("vsock:2:{PROBE_PORT}"),
+        "--handler-kind".into(),
+        f.kind.as_str().into(),
+        "--handler".into(),
+        f.handler.clone(),
+    ];
+    let mut env: Vec<(String, String)> = vec![
+        ("HOME".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("SANDSCOPE_FUNCTION_NAME".into(), f.name.clone()),
+        ("SANDSCOPE_MEMORY_MB".into(), f.memory_mb.to_string()),
+    ];
+    env.extend(f.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    for (k, v) in env {
+        a.push("--env".into());
+        a.push(format!("{k}={v}"));
+    }
+    a
+}
+
+/// The guest kernel command line: console, how to end (reset, which the VMM turns into
+/// its exit), and who the guest is.
+pub fn guest_cmdline(reboot: &str, sandbox_id: &str, host_id: &str, extra: &[String]) -> String {
+    let mut c = format!("console=ttyS0 reboot={reboot} panic=-1 quiet sandscope.id={sandbox_id}");
+    if !host_id.is_empty() && !host_id.contains(char::is_whitespace) {
+        c.push_str(&format!(" sandscope.host={host_id}"));
+    }
+    for e in extra {
+        c.push(' ');
+        c.push_str(e);
+    }
+    c
+}
+
+/// Guest memory for a function, MiB.
+pub fn guest_mem_mib(f: &FunctionSpec) -> u64 {
+    f.memory_mb.max(MIN_GUEST_MEM_MIB)
+}
+
+/// vCPUs for a function: its CPU quota rounded up, at least 1.
+pub fn guest_vcpus(f: &FunctionSpec) -> u32 {
+    (f.cpus.ceil() as u32).max(1)
+}
+
+/// The per-sandbox directory and the listener for the probe's connection.
+pub struct VmDir {
+    /// The directory (removed on destroy).
+    pub dir: PathBuf,
+    /// The vsock Unix socket path given to the backend.
+    pub uds: PathBuf,
+    /// Listening at `<uds>_52`.
+    pub listener: tokio::net::UnixListener,
+}
+
+impl VmDir {
+    /// Create `STATE/sandboxes/ID` and listen for the probe.
+    pub fn create(state_dir: &Path, id: &str) -> Result<Self, DriverError> {
+        let dir = state_dir.join("sandboxes").join(id);
+        let se = |source| DriverError::StateDir {
+            path: dir.clone(),
+            source,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(se)?;
+        let uds = dir.join("v.sock");
+        let port_path = PathBuf::from(format!("{}_{PROBE_PORT}", uds.display()));
+        let listener =
+            tokio::net::UnixListener::bind(&port_path).map_err(|source| DriverError::Spawn {
+                what: format!("listening for the guest probe at {}", port_path.display()),
+                source,
+            })?;
+        Ok(Self { dir, uds, listener })
+    }
+}
+
+/// One supervised process of a VM (the VMM, a vsock backend).
+struct Proc {
+    name: &'static str,
+    pid: Option<u32>,
+    exited: Arc<AtomicBool>,
+}
+
+/// The processes of one VM, their console output, and teardown.
+pub struct VmProcs {
+    procs: Mutex<Vec<Proc>>,
+    console: Arc<Mutex<VecDeque<String>>>,
+    main_exited: Arc<AtomicBool>,
+    exit_notify: Arc<tokio::sync::Notify>,
+    destroyed: AtomicBool,
+    dir: PathBuf,
+    configured: Configured,
+    id: String,
+}
+
+impl VmProcs {
+    /// Supervision for the VM of sandbox `id`, whose files live in `dir`.
+    pub fn new(id: &str, dir: PathBuf, configured: Configured) -> Self {
+        Self {
+            procs: Mutex::new(Vec::new()),
+            console: Arc::default(),
+            main_exited: Arc::default(),
+            exit_notify: Arc::default(),
+            destroyed: AtomicBool::new(false),
+            dir,
+            configured,
+            id: id.to_string(),
+        }
+    }
+
+    /// Start a process; its stdout and stderr lines go to the console ring (prefixed with
+    /// `name` unless it is the main process, whose exit ends the VM).
+    pub fn spawn(
+        &self,
+        name: &'static str,
+        cmd: &mut tokio::process::Command,
+        main: bool,
+    ) -> Result<u32, DriverError> {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
+            what: format!("{name} ({:?})", cmd.as_std().get_program()),
+            source,
+        })?;
+        let pid = child.id();
+        for out in [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child.stderr.take().map(|e| Box::new(e) as _),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let console = self.console.clone();
+            let id = self.id.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    let l = l.trim_end_matches('\r').to_string();
+                    tracing::debug!(sandbox = %id, "{name}: {l}");
+                    let mut c = console.lock().unwrap_or_else(|p| p.into_inner());
+                    if c.len() == CONSOLE_LINES {
+                        c.pop_front();
+                    }
+                    c.push_back(if main { l } else { format!("[{name}] {l}") });
+                }
+            });
+        }
+        let exited = Arc::new(AtomicBool::new(false));
+        let (ex, main_ex, notify) = (
+            exited.clone(),
+            self.main_exited.clone(),
+            self.exit_notify.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            ex.store(true, Ordering::Release);
+            if main {
+                main_ex.store(true, Ordering::Release);
+            }
+            notify.notify_waiters();
+        });
+        self.procs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Proc { name, pid, exited });
+        Ok(pid.unwrap_or(0))
+    }
+
+    /// Whether a helper process (not the main one) has exited, and its name.
+    pub fn helper_exited(&self) -> Option<&'static str> {
+        self.procs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|p| p.exited.load(Ordering::Acquire))
+            .map(|p| p.name)
+    }
+
+    /// Pid of the main process.
+    pub fn main_pid(&self) -> Option<u32> {
+        self.procs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .and_then(|p| p.pid)
+    }
+
+    /// Whether the VM (its main process) has exited.
+    pub fn exited(&self) -> bool {
+        self.main_exited.load(Ordering::Acquire)
+    }
+
+    /// Wait for the main process to exit, at most `limit`.
+    pub fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let notified = self.exit_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.exited() {
+                return true;
+            }
+            let deadline = Instant::now() + limit;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if tokio::time::timeout(left, notified.as_mut()).await.is_err() {
+                    return self.exited();
+                }
+                if self.exited() {
+                    return true;
+                }
+                notified.set(self.exit_notify.notified());
+                notified.as_mut().enable();
+            }
+        })
+    }
+
+    /// The console ring as text.
+    pub fn console(&self) -> String {
+        let c = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// RSS and CPU of all the VM's processes (VMM + helpers), from procfs.
+    pub fn usage(&self) -> Usage {
+        let procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut u = Usage::default();
+        for p in procs.iter().filter(|p| !p.exited.load(Ordering::Acquire)) {
+            if let Some(pid) = p.pid {
+                u.rss_bytes += crate::procfs::rss_bytes(pid);
+                u.cpu_us += crate::procfs::cpu_us_with_children(pid);
+                u.processes += 1;
+            }
+        }
+        u
+    }
+
+    /// What the guest was given.
+    pub fn configured(&self) -> Configured {
+        self.configured
+    }
+
+    /// End the VM: give it `grace` to stop by itself (the probe resets the guest after a
+    /// Shutdown frame), then SIGKILL every process and remove the directory. Idempotent.
+    pub async fn destroy(&self, grace: Duration) {
+        if self.destroyed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.wait_exited(grace).await;
+        let pids: Vec<(u32, Arc<AtomicBool>)> = self
+            .procs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|p| p.pid.map(|pid| (pid, p.exited.clone())))
+            .collect();
+        for (pid, exited) in &pids {
+            if !exited.load(Ordering::Acquire) {
+                // SAFETY: kill(2) on a child we spawned whose wait task has not reaped it
+                // yet (exited is false), so the pid is still ours.
+                unsafe {
+                    libc::kill(*pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+        }
+        for _ in 0..500 {
+            if pids.iter().all(|(_, e)| e.load(Ordering::Acquire)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Wait until `path` exists (a helper creating its socket), the helper dies, or `limit`.
+pub async fn wait_for_path(path: &Path, procs: &VmProcs, limit: Duration) -> Result<(), String> {
+    let t0 = Instant::now();
+    while !path.exists() {
+        if let Some(name) = procs.helper_exited() {
+            return Err(format!("{name} exited before creating {}", path.display()));
+        }
+        if t0.elapsed() > limit {
+            return Err(format!(
+                "{} did not appear within {:.1} s",
+                path.display(),
+                limit.as_secs_f64()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// The boot phases of a VM, all on the host's timeline, summing to `total_us` (process
+/// running → Hello received).
+///
+/// - `probe_init`: init start → Hello sent, from the guest's monotonic clock.
+/// - With a VMM report (vmm-lite): `vmm_setup` = VMM start → first KVM_RUN, and `kernel`
+///   is the rest (first KVM_RUN → init, plus the link's one-way latency).
+/// - Without (QEMU): `kernel` = the guest's boot clock at init (the kernel's own time to
+///   reach init), and `vmm_setup` is the rest (QEMU start-up and loading).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmPhases {
+    /// VMM start → guest kernel running, µs.
+    pub vmm_setup_us: u64,
+    /// Kernel → init, µs.
+    pub kernel_us: u64,
+    /// Init → Hello, µs.
+    pub probe_init_us: u64,
+}
+
+/// Assemble [`VmPhases`]; see there.
+pub fn waterfall(
+    total_us: u64,
+    guest_uptime_at_init_us: u64,
+    guest_init_to_hello_us: u64,
+    vmm_setup_us: Option<u64>,
+) -> VmPhases {
+    let probe_init_us = guest_init_to_hello_us.min(total_us);
+    let rest = total_us - probe_init_us;
+    match vmm_setup_us {
+        Some(v) => {
+            let v = v.min(rest);
+            VmPhases {
+                vmm_setup_us: v,
+                kernel_us: rest - v,
+                probe_init_us,
+            }
+        }
+        None => {
+            let k = guest_uptime_at_init_us.min(rest);
+            VmPhases {
+                vmm_setup_us: rest - k,
+                kernel_us: k,
+                probe_init_us,
+            }
+        }
+    }
+}
+
+/// Host CPU frequency in kHz (`cpu MHz` in /proc/cpuinfo), for `tsc_early_khz=` when the
+/// guest is emulated and cannot calibrate its TSC.
+pub fn host_tsc_khz() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    parse_cpu_khz(&text)
+}
+
+/// The first `cpu MHz` of cpuinfo text, in kHz.
+pub fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
+    cpuinfo.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if k.trim() != "cpu MHz" {
+            return None;
+        }
+        let mhz: f64 = v.trim().parse().ok()?;
+        (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waterfall_sums_to_total() {
+        // QEMU: guest says the kernel took 600 ms to reach init, init → Hello 50 ms.
+        let w = waterfall(900_000, 600_000, 50_000, None);
+        assert_eq!(
+            w,
+            VmPhases {
+                vmm_setup_us: 250_000,
+                kernel_us: 600_000,
+                probe_init_us: 50_000
+            }
+        );
+        // vmm-lite: first KVM_RUN 2 ms after VMM start.
+        let w = waterfall(100_000, 80_000, 10_000, Some(2_000));
+        assert_eq!(
+            (w.vmm_setup_us, w.kernel_us, w.probe_init_us),
+            (2_000, 88_000, 10_000)
+        );
+        // Clock disagreement never produces a negative or overflowing phase.
+        for (t, u, p, v) in [
+            (10, 1_000_000, 5, None),
+            (10, 0, 50, None),
+            (10, 5, 5, Some(100)),
+            (0, 0, 0, Some(0)),
+        ] {
+            let w = waterfall(t, u, p, v);
+            assert_eq!(w.vmm_setup_us + w.kernel_us + w.probe_init_us, t, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn cmdline_and_args() {
+        let c = guest_cmdline("t", "hello-1", "abc123", &["tsc_early_khz=2000".into()]);
+        assert_eq!(
+            c,
+            "console=ttyS0 reboot=t panic=-1 quiet sandscope.id=hello-1 sandscope.host=abc123 tsc_early_khz=2000"
+        );
+        // A host id with spaces cannot go on the command line.
+        assert!(!guest_cmdline("k", "x", "a b", &[]).contains("sandscope.host"));
+        assert_eq!(
+            parse_cpu_khz("processor: 0\ncpu MHz\t\t: 2399.998\n"),
+            Some(2_399_998)
+        );
+        assert_eq!(parse_cpu_khz("nothing"), None);
+    }
+}
