@@ -9,6 +9,7 @@ mod floor;
 mod recorder_bench;
 mod stats;
 mod sys;
+mod vm_bench;
 mod work;
 
 use clap::{Parser, Subcommand};
@@ -124,7 +125,10 @@ enum Cmd {
     Recorder,
     /// Warm invokes/s from concurrent callers, telemetry on.
     Throughput,
-    /// Everything above, in that order (recorder first, before any runtime exists).
+    /// microVM cold start under the qemu driver (launch → Hello, phase breakdown).
+    Vmboot,
+    /// Everything above except vmboot, in that order (recorder first, before any runtime
+    /// exists).
     All,
 }
 
@@ -165,6 +169,9 @@ fn run(cli: &Cli) -> anyhow::Result<(sys::Machine, Vec<stats::Table>)> {
             ],
         )?;
         emit(&mut tables, vec![t]);
+    }
+    if cli.cmd == Cmd::Vmboot {
+        emit(&mut tables, vm_bench::vmboot(cli.runs)?);
     }
     let needs_work = all || matches!(cli.cmd, Cmd::Coldstart | Cmd::Warm | Cmd::Throughput);
     if needs_work {

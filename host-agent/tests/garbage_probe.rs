@@ -117,7 +117,7 @@ impl Driver for Mixed {
                 done.clone(),
             ));
             Ok(Spawned {
-                stream: a,
+                link: host_agent::drivers::LinkSource::Connected(a),
                 handle: Box::new(FakeHandle { done }),
                 running_at: Instant::now(),
             })

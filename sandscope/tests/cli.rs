@@ -294,4 +294,7 @@ fn forcing_an_unavailable_vm_driver_says_why() {
     assert_eq!(out.status.code(), Some(1));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("vmm-lite") && e.contains("unavailable"), "{e}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(e.contains("PVM") && e.contains("--driver qemu"), "{e}");
+    }
 }
