@@ -112,12 +112,23 @@ fn main() {
         view,
         uptime_at_init_us: uptime.unwrap_or(0),
     };
+    // A probe that dials the agent (vsock, Unix path) can dial again; an inherited fd
+    // cannot be reopened.
+    let redial = !matches!(boot.args.endpoint, args::Endpoint::Fd(_));
+    if vm_init {
+        eprintln!(
+            "guest-probe: init of sandbox {} (kernel reached init after {:.3} s), connecting to {:?}",
+            boot.args.sandbox_id,
+            boot.uptime_at_init_us as f64 / 1e6,
+            boot.args.endpoint
+        );
+    }
     let served = rt.block_on(async move {
         let reaper = reaper::Reaper::start().map_err(probe::ProbeError::StartReaper)?;
         loop {
             match probe::serve(boot.clone(), reaper.clone()).await? {
                 // A VM outlives its link: connect again and say Hello again.
-                Ending::LinkLost if vm_init => {
+                Ending::LinkLost if redial => {
                     eprintln!("guest-probe: link to the agent lost; reconnecting");
                 }
                 e => return Ok::<_, probe::ProbeError>(e),

@@ -418,3 +418,56 @@ fn stderr_flood_is_rate_limited_and_drops_are_reported() {
     assert!(logs.windows(2).all(|w| w[1].seq == w[0].seq + 1));
     assert_eq!(r.last_log_seq, logs.last().unwrap().seq);
 }
+
+#[test]
+fn a_dialing_probe_reconnects_when_the_link_drops() {
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_guest-probe"))
+        .args(["--sandbox-id", "redial", "--handler", "cat", "--connect"])
+        .arg(format!("unix:{}", path.display()))
+        .spawn()
+        .unwrap();
+    let hello = |listener: &UnixListener| {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut dec = wire::FrameDecoder::new();
+        match dec.read_frame(&mut s).unwrap().unwrap().body.unwrap() {
+            wire::frame::Body::Hello(h) => (s, h),
+            other => panic!("expected Hello, got {other:?}"),
+        }
+    };
+    let (first, h1) = hello(&listener);
+    assert_eq!(h1.sandbox_id, "redial");
+    drop(first); // the link drops without a Shutdown
+    let (mut second, h2) = hello(&listener);
+    assert_eq!(h2.sandbox_id, "redial");
+    assert_eq!(h2.probe_pid, h1.probe_pid, "the same probe dialed again");
+    use std::io::Write;
+    second
+        .write_all(
+            &wire::encode_frame(
+                &wire::Shutdown {
+                    reason: "test".into(),
+                    grace_ms: 0,
+                }
+                .into(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert_eq!(st.code(), Some(0));
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "probe did not exit after Shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -144,6 +144,16 @@ async fn linux_guest_cold_then_warm_over_vsock_with_logs_and_reaping() {
         "QEMU's RSS is counted: {d}"
     );
 
+    // The serial console is captured: the probe announces itself there.
+    let console = d["console"].as_array().cloned().unwrap_or_default();
+    assert!(
+        console.iter().any(|l| l
+            .as_str()
+            .unwrap_or("")
+            .contains("guest-probe: init of sandbox")),
+        "console: {console:?}"
+    );
+
     // Function logs arrive over the link.
     let id = r1.sandbox.clone();
     let logs_ok = a
