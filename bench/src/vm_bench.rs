@@ -36,14 +36,8 @@ pub fn vmboot(runs: usize) -> anyhow::Result<Vec<Table>> {
             "starting an agent with the qemu driver (scripts/guest-deps, sandscope image build)",
         )?;
         let (_, why) = agent.driver();
-        let names = [
-            "spawn",
-            "vmm_setup",
-            "kernel",
-            "probe_init",
-            "runtime_init",
-            "invoke",
-        ];
+        // The cold-start phases, in timeline order (no queue or thaw in this bench).
+        let names = &host_agent::recorder::PHASES[2..];
         let mut series: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         let (mut hello, mut total, mut client) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {

@@ -1,5 +1,5 @@
-//! The minimal guest kernel: Debian's `linux-source-6.1` + `make tinyconfig` + our fragment
-//! + `olddefconfig` → `make bzImage`. The result lands in `CACHE/kernel/KEY/` (bzImage,
+//! The minimal guest kernel: Debian's `linux-source-6.1`, `make tinyconfig`, our fragment,
+//! `olddefconfig`, then `make bzImage`. The result lands in `CACHE/kernel/KEY/` (bzImage,
 //! vmlinux, config, build-info), KEY being a hash of the fragment and the source package
 //! version, so it is rebuilt only when either changes. The build tree is kept under
 //! `CACHE/kernel/KEY.build/` until the build succeeds, so an interrupted build resumes.

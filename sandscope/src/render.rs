@@ -251,11 +251,15 @@ pub fn packing(hosts: &Value) -> String {
         );
         let _ = writeln!(
             o,
-            "    sandboxes: {} idle, {} busy, {} frozen, {} booting",
+            "    sandboxes: {} idle, {} busy, {} frozen, {} booting{}",
             n(sb, "idle"),
             n(sb, "busy"),
             n(sb, "frozen"),
-            n(sb, "booting")
+            n(sb, "booting"),
+            match n(&h, "microvms") {
+                0 => String::new(),
+                v => format!(" ({v} microVMs: committed = guest memory, resident = VMM RSS)"),
+            }
         );
         let total = n(&h, "host_memory_total_bytes");
         let _ = writeln!(

@@ -267,6 +267,50 @@ pub fn select(cfg: &AgentConfig) -> Result<(Arc<dyn Driver>, String), DriverErro
     }
 }
 
+/// Read a child's stdout and stderr line by line into the ring `ring` (at most `cap`
+/// lines, oldest dropped), each line prefixed with `prefix`, and log them at debug level
+/// for sandbox `id`.
+pub fn keep_output(
+    child: &mut tokio::process::Child,
+    ring: &Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    cap: usize,
+    id: &str,
+    prefix: &str,
+) {
+    let outs = [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child.stderr.take().map(|e| Box::new(e) as _),
+    ];
+    for out in outs.into_iter().flatten() {
+        keep_lines(out, ring.clone(), cap, id.to_string(), prefix.to_string());
+    }
+}
+
+fn keep_lines(
+    out: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ring: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    cap: usize,
+    id: String,
+    prefix: String,
+) {
+    use tokio::io::AsyncBufReadExt;
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            let l = l.trim_end_matches('\r');
+            tracing::debug!(sandbox = %id, "{prefix}{l}");
+            let mut r = ring.lock().unwrap_or_else(|p| p.into_inner());
+            if r.len() == cap {
+                r.pop_front();
+            }
+            r.push_back(format!("{prefix}{l}"));
+        }
+    });
+}
+
 /// Find an executable: the configured path, else `name` on PATH, else the first of
 /// `extra` that exists.
 pub fn find_binary(configured: Option<&Path>, name: &str, extra: &[PathBuf]) -> Option<PathBuf> {

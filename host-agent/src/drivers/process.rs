@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Namespaces every sandbox gets.
 const NS_FLAGS: libc::c_int = libc::CLONE_NEWNS
@@ -208,34 +207,11 @@ impl ProcessDriver {
             })?;
 
         let state = Arc::new(ProcState {
-            diag: Mutex::new(VecDeque::new()),
+            diag: Arc::default(),
             exited: AtomicBool::new(false),
             exit_notify: tokio::sync::Notify::new(),
         });
-        for out in [
-            child
-                .stdout
-                .take()
-                .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|e| Box::new(e) as _),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let st = state.clone();
-            let id = spec.id.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    tracing::debug!(sandbox = %id, "probe: {l}");
-                    let mut d = st.diag.lock().unwrap_or_else(|p| p.into_inner());
-                    if d.len() == 20 {
-                        d.pop_front();
-                    }
-                    d.push_back(l);
-                }
-            });
-        }
+        super::keep_output(&mut child, &state.diag, 20, &spec.id, "");
         let pid = child.id();
         let st = state.clone();
         tokio::spawn(async move {
@@ -258,7 +234,7 @@ impl ProcessDriver {
 }
 
 struct ProcState {
-    diag: Mutex<VecDeque<String>>,
+    diag: Arc<Mutex<VecDeque<String>>>,
     exited: AtomicBool,
     exit_notify: tokio::sync::Notify,
 }

@@ -9,8 +9,7 @@
 
 use super::vm::{self, Images, VmDir, VmProcs};
 use super::{
-    BoxFuture, Configured, Driver, DriverError, KvmKind, LinkSource, SandboxHandle, SandboxSpec,
-    Spawned, Usage,
+    BoxFuture, Configured, Driver, DriverError, KvmKind, LinkSource, SandboxSpec, Spawned,
 };
 use crate::config::AgentConfig;
 use std::ffi::OsString;
@@ -245,68 +244,13 @@ impl Driver for QemuDriver {
             Ok(Spawned {
                 link: LinkSource::Listening(listener),
                 running_at: Instant::now(),
-                handle: Box::new(QemuSandbox { procs }),
+                handle: Box::new(vm::VmSandbox {
+                    procs,
+                    driver: "qemu",
+                    vmm_control: None,
+                }),
             })
         })
-    }
-}
-
-struct QemuSandbox {
-    procs: VmProcs,
-}
-
-impl SandboxHandle for QemuSandbox {
-    fn pid(&self) -> Option<u32> {
-        self.procs.main_pid()
-    }
-
-    fn can_freeze(&self) -> bool {
-        false
-    }
-
-    fn freeze(&self) -> BoxFuture<'_, Result<Duration, DriverError>> {
-        Box::pin(async {
-            Err(DriverError::Unavailable {
-                driver: "qemu",
-                reason: "freezing QEMU guests is not supported".into(),
-            })
-        })
-    }
-
-    fn thaw(&self) -> BoxFuture<'_, Result<Duration, DriverError>> {
-        Box::pin(async { Ok(Duration::ZERO) })
-    }
-
-    fn usage(&self) -> Usage {
-        self.procs.usage()
-    }
-
-    fn oom_kills(&self) -> u64 {
-        0
-    }
-
-    fn exited(&self) -> bool {
-        self.procs.exited()
-    }
-
-    fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
-        self.procs.wait_exited(limit)
-    }
-
-    fn diagnostics(&self) -> String {
-        self.procs.console()
-    }
-
-    fn is_vm(&self) -> bool {
-        true
-    }
-
-    fn configured(&self) -> Option<Configured> {
-        Some(self.procs.configured())
-    }
-
-    fn destroy(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.procs.destroy(Duration::from_millis(500)))
     }
 }
 

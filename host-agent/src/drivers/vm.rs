@@ -6,7 +6,7 @@
 //! backend (vhost-device-vsock or vmm-lite's muxer) forwards that to the host Unix socket
 //! `<uds>_52`, on which the driver listens before the VM starts.
 
-use super::{BoxFuture, Configured, DriverError, Usage};
+use super::{BoxFuture, Configured, DriverError, SandboxHandle, Usage};
 use crate::config::{AgentConfig, FunctionSpec};
 use guest_image::kernel::Kernel;
 use std::collections::{HashMap, VecDeque};
@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// vsock port the probe connects to (DESIGN §4).
 pub const PROBE_PORT: u32 = 52;
@@ -226,31 +225,12 @@ impl VmProcs {
             source,
         })?;
         let pid = child.id();
-        for out in [
-            child
-                .stdout
-                .take()
-                .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|e| Box::new(e) as _),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let console = self.console.clone();
-            let id = self.id.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    let l = l.trim_end_matches('\r').to_string();
-                    tracing::debug!(sandbox = %id, "{name}: {l}");
-                    let mut c = console.lock().unwrap_or_else(|p| p.into_inner());
-                    if c.len() == CONSOLE_LINES {
-                        c.pop_front();
-                    }
-                    c.push_back(if main { l } else { format!("[{name}] {l}") });
-                }
-            });
-        }
+        let prefix = if main {
+            String::new()
+        } else {
+            format!("[{name}] ")
+        };
+        super::keep_output(&mut child, &self.console, CONSOLE_LINES, &self.id, &prefix);
         let exited = Arc::new(AtomicBool::new(false));
         let (ex, main_ex, notify) = (
             exited.clone(),
@@ -375,6 +355,78 @@ impl VmProcs {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The handle of a running microVM (both VM drivers).
+pub struct VmSandbox {
+    /// Its processes.
+    pub procs: VmProcs,
+    /// Driver name, for errors.
+    pub driver: &'static str,
+    /// vmm-lite's control socket, which reports the VMM's phases.
+    pub vmm_control: Option<PathBuf>,
+}
+
+impl SandboxHandle for VmSandbox {
+    fn pid(&self) -> Option<u32> {
+        self.procs.main_pid()
+    }
+
+    fn can_freeze(&self) -> bool {
+        false
+    }
+
+    fn freeze(&self) -> BoxFuture<'_, Result<Duration, DriverError>> {
+        Box::pin(async move {
+            Err(DriverError::Unavailable {
+                driver: self.driver,
+                reason: "freezing microVM guests is not supported".into(),
+            })
+        })
+    }
+
+    fn thaw(&self) -> BoxFuture<'_, Result<Duration, DriverError>> {
+        Box::pin(async { Ok(Duration::ZERO) })
+    }
+
+    fn usage(&self) -> Usage {
+        self.procs.usage()
+    }
+
+    fn oom_kills(&self) -> u64 {
+        0
+    }
+
+    fn exited(&self) -> bool {
+        self.procs.exited()
+    }
+
+    fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
+        self.procs.wait_exited(limit)
+    }
+
+    fn diagnostics(&self) -> String {
+        self.procs.console()
+    }
+
+    fn is_vm(&self) -> bool {
+        true
+    }
+
+    fn vmm_setup_us(&self) -> BoxFuture<'_, Option<u64>> {
+        Box::pin(async move {
+            let line = super::vmm_lite::query_metrics(self.vmm_control.as_deref()?).await?;
+            super::vmm_lite::parse_vmm_setup_us(&line)
+        })
+    }
+
+    fn configured(&self) -> Option<Configured> {
+        Some(self.procs.configured())
+    }
+
+    fn destroy(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.procs.destroy(Duration::from_millis(500)))
     }
 }
 

@@ -6,10 +6,7 @@
 //! socket; the driver reads them after Hello for the cold-start waterfall.
 
 use super::vm::{self, Images, VmDir, VmProcs};
-use super::{
-    BoxFuture, Configured, Driver, DriverError, LinkSource, SandboxHandle, SandboxSpec, Spawned,
-    Usage,
-};
+use super::{BoxFuture, Configured, Driver, DriverError, LinkSource, SandboxSpec, Spawned};
 use crate::config::AgentConfig;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -103,7 +100,7 @@ pub fn parse_vmm_setup_us(metrics_json: &str) -> Option<u64> {
 }
 
 /// Ask vmm-lite's control socket for its metrics line.
-async fn query_metrics(control: &Path) -> Option<String> {
+pub async fn query_metrics(control: &Path) -> Option<String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let fut = async {
         let mut s = tokio::net::UnixStream::connect(control).await.ok()?;
@@ -170,76 +167,13 @@ impl Driver for VmmLiteDriver {
             Ok(Spawned {
                 link: LinkSource::Listening(listener),
                 running_at: Instant::now(),
-                handle: Box::new(VmmSandbox { procs, files }),
+                handle: Box::new(vm::VmSandbox {
+                    procs,
+                    driver: "vmm-lite",
+                    vmm_control: Some(files.control),
+                }),
             })
         })
-    }
-}
-
-struct VmmSandbox {
-    procs: VmProcs,
-    files: VmmFiles,
-}
-
-impl SandboxHandle for VmmSandbox {
-    fn pid(&self) -> Option<u32> {
-        self.procs.main_pid()
-    }
-
-    fn can_freeze(&self) -> bool {
-        false
-    }
-
-    fn freeze(&self) -> BoxFuture<'_, Result<Duration, DriverError>> {
-        Box::pin(async {
-            Err(DriverError::Unavailable {
-                driver: "vmm-lite",
-                reason: "freezing vmm-lite guests is not supported".into(),
-            })
-        })
-    }
-
-    fn thaw(&self) -> BoxFuture<'_, Result<Duration, DriverError>> {
-        Box::pin(async { Ok(Duration::ZERO) })
-    }
-
-    fn usage(&self) -> Usage {
-        self.procs.usage()
-    }
-
-    fn oom_kills(&self) -> u64 {
-        0
-    }
-
-    fn exited(&self) -> bool {
-        self.procs.exited()
-    }
-
-    fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
-        self.procs.wait_exited(limit)
-    }
-
-    fn diagnostics(&self) -> String {
-        self.procs.console()
-    }
-
-    fn is_vm(&self) -> bool {
-        true
-    }
-
-    fn vmm_setup_us(&self) -> BoxFuture<'_, Option<u64>> {
-        Box::pin(async move {
-            let line = query_metrics(&self.files.control).await?;
-            parse_vmm_setup_us(&line)
-        })
-    }
-
-    fn configured(&self) -> Option<Configured> {
-        Some(self.procs.configured())
-    }
-
-    fn destroy(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.procs.destroy(Duration::from_millis(500)))
     }
 }
 
