@@ -7,10 +7,8 @@
 //! line carries `tsc_early_khz=` with the host's frequency. The guest ends itself with a
 //! reset (`reboot=t` + `-no-reboot` makes QEMU exit).
 
-use super::vm::{self, Images, VmDir, VmProcs};
-use super::{
-    BoxFuture, Configured, Driver, DriverError, KvmKind, LinkSource, SandboxSpec, Spawned,
-};
+use super::vm::{self, Images, VmDir, VmPlan};
+use super::{BoxFuture, Driver, DriverError, KvmKind, LinkSource, SandboxSpec, Spawned};
 use crate::config::AgentConfig;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -185,18 +183,13 @@ impl Driver for QemuDriver {
 
     fn spawn<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Spawned, DriverError>> {
         Box::pin(async move {
-            let f = &spec.function;
-            let initrd = self.images.initrd(&f.name)?;
-            let VmDir { dir, uds, listener } = VmDir::create(&self.state_dir, &spec.id)?;
-            let (mem, vcpus) = (vm::guest_mem_mib(f), vm::guest_vcpus(f));
-            let procs = VmProcs::new(
-                &spec.id,
-                dir.clone(),
-                Configured {
-                    memory_bytes: mem << 20,
-                    vcpus,
-                },
-            );
+            let VmPlan {
+                initrd,
+                dir: VmDir { dir, uds, listener },
+                mem_mib: mem,
+                vcpus,
+                procs,
+            } = VmPlan::new(&self.images, &self.state_dir, spec)?;
             let vhost_sock = dir.join("vhost.sock");
             let started = async {
                 procs.spawn(

@@ -174,6 +174,49 @@ impl VmDir {
     }
 }
 
+/// Everything a VM driver prepares before starting its processes.
+pub struct VmPlan<'a> {
+    /// The function's initramfs.
+    pub initrd: &'a Path,
+    /// Directory, vsock socket path and the probe listener.
+    pub dir: VmDir,
+    /// Guest memory, MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Supervision of the processes about to start.
+    pub procs: VmProcs,
+}
+
+impl<'a> VmPlan<'a> {
+    /// Resolve the initramfs, create the directory and listener, size the guest.
+    pub fn new(
+        images: &'a Images,
+        state_dir: &Path,
+        spec: &super::SandboxSpec,
+    ) -> Result<Self, DriverError> {
+        let f = &spec.function;
+        let initrd = images.initrd(&f.name)?;
+        let dir = VmDir::create(state_dir, &spec.id)?;
+        let (mem_mib, vcpus) = (guest_mem_mib(f), guest_vcpus(f));
+        let procs = VmProcs::new(
+            &spec.id,
+            dir.dir.clone(),
+            Configured {
+                memory_bytes: mem_mib << 20,
+                vcpus,
+            },
+        );
+        Ok(Self {
+            initrd,
+            dir,
+            mem_mib,
+            vcpus,
+            procs,
+        })
+    }
+}
+
 /// One supervised process of a VM (the VMM, a vsock backend).
 struct Proc {
     name: &'static str,

@@ -5,8 +5,8 @@
 //! vmm-lite reports its phase timestamps (process start, first KVM_RUN, ...) on its control
 //! socket; the driver reads them after Hello for the cold-start waterfall.
 
-use super::vm::{self, Images, VmDir, VmProcs};
-use super::{BoxFuture, Configured, Driver, DriverError, LinkSource, SandboxSpec, Spawned};
+use super::vm::{self, Images, VmDir, VmPlan};
+use super::{BoxFuture, Driver, DriverError, LinkSource, SandboxSpec, Spawned};
 use crate::config::AgentConfig;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -130,23 +130,18 @@ impl Driver for VmmLiteDriver {
 
     fn spawn<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Spawned, DriverError>> {
         Box::pin(async move {
-            let f = &spec.function;
-            let initrd = self.images.initrd(&f.name)?;
-            let VmDir { dir, uds, listener } = VmDir::create(&self.state_dir, &spec.id)?;
-            let (mem, vcpus) = (vm::guest_mem_mib(f), vm::guest_vcpus(f));
+            let VmPlan {
+                initrd,
+                dir: VmDir { dir, uds, listener },
+                mem_mib: mem,
+                vcpus,
+                procs,
+            } = VmPlan::new(&self.images, &self.state_dir, spec)?;
             let files = VmmFiles {
                 uds,
                 control: dir.join("control.sock"),
                 metrics: dir.join("metrics.json"),
             };
-            let procs = VmProcs::new(
-                &spec.id,
-                dir.clone(),
-                Configured {
-                    memory_bytes: mem << 20,
-                    vcpus,
-                },
-            );
             let cmdline = vm::guest_cmdline("k", &spec.id, &spec.host_id, &[]);
             let args = vmm_args(
                 &self.images.kernel.bzimage,
