@@ -78,3 +78,53 @@ fn demo_runs_on_qemu_microvms() {
         "{v}"
     );
 }
+
+#[test]
+fn image_build_reuses_the_cached_kernel_and_writes_each_initramfs() {
+    if !ready() {
+        return;
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sandscope"))
+        .args(["image", "build", "--json", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kernel"]["cached"], true, "{v}");
+    assert!(std::path::Path::new(v["kernel"]["bzimage"].as_str().unwrap()).is_file());
+    let images = v["initramfs"].as_array().unwrap();
+    let names: Vec<&str> = images
+        .iter()
+        .map(|i| i["function"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello", "echo"], "{v}");
+    for i in images {
+        let p = std::path::Path::new(i["path"].as_str().unwrap());
+        assert!(p.starts_with(out_dir.path()), "{v}");
+        let bytes = std::fs::read(p).unwrap();
+        assert_eq!(bytes.len() as u64, i["bytes"].as_u64().unwrap());
+        let entries = guest_image::cpio::read(&bytes).unwrap();
+        assert!(entries.iter().any(|e| e.name == "init"), "no /init");
+        assert!(
+            entries.iter().any(|e| e.name == "var/task/handler.sh"),
+            "no code"
+        );
+    }
+    // A junk kernel is refused with the reason.
+    let junk = out_dir.path().join("junk");
+    std::fs::write(&junk, "junk").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sandscope"))
+        .args(["image", "build", "--kernel"])
+        .arg(&junk)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("neither a bzImage"), "{e}");
+}
