@@ -23,6 +23,7 @@ pub mod probe;
 pub mod procinfo;
 pub mod reaper;
 pub mod setup;
+pub mod shell;
 pub mod transport;
 
 pub use wire::error_chain;

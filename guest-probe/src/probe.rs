@@ -133,6 +133,7 @@ pub async fn serve(boot: Boot, reaper: Reaper) -> Result<Ending, ProbeError> {
         reaper: reaper.clone(),
         groups: Default::default(),
     };
+    let shells = crate::shell::Shells::new(outbox.clone(), reaper.clone(), &args.sandbox_id);
     let mut slot = Slot::Lent;
     let mut starting: Option<BoxFut<Result<Slot, String>>> = None;
     match args.handler_kind {
@@ -234,6 +235,10 @@ pub async fn serve(boot: Boot, reaper: Reaper) -> Result<Ending, ProbeError> {
                         }).await
                     }
                     Some(Body::Pong(_)) => {}
+                    Some(Body::ShellOpen(o)) => shells.open(o).await,
+                    Some(Body::ShellData(d)) => shells.data(d),
+                    Some(Body::ShellResize(r)) => shells.resize(r.session, r.cols, r.rows),
+                    Some(Body::ShellSignal(s)) => shells.signal(s.session, s.signal),
                     Some(Body::Shutdown(s)) => {
                         eprintln!("guest-probe: shutdown requested: {}", s.reason);
                         break (s.grace_ms, Ending::Clean);
@@ -281,6 +286,7 @@ pub async fn serve(boot: Boot, reaper: Reaper) -> Result<Ending, ProbeError> {
     drop(inflight);
     drop(starting);
     drop(slot);
+    shells.kill_all();
     shutdown_handlers(&ctx, grace).await;
     outbox.flush(Duration::from_secs(1)).await;
     Ok(ending)

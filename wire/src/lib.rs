@@ -52,6 +52,11 @@ impl Frame {
             Some(Ping(_)) => "ping",
             Some(Pong(_)) => "pong",
             Some(Shutdown(_)) => "shutdown",
+            Some(ShellOpen(_)) => "shell_open",
+            Some(ShellData(_)) => "shell_data",
+            Some(ShellResize(_)) => "shell_resize",
+            Some(ShellSignal(_)) => "shell_signal",
+            Some(ShellExit(_)) => "shell_exit",
         }
     }
 }
@@ -64,6 +69,11 @@ macro_rules! impl_from_body {
     )*};
 }
 impl_from_body!(
+    ShellOpen,
+    ShellData,
+    ShellResize,
+    ShellSignal,
+    ShellExit,
     Hello,
     Ready,
     Invoke,

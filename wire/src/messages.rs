@@ -9,12 +9,15 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Frame {
     /// The frame's content.
-    #[prost(oneof = "frame::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(
+        oneof = "frame::Body",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+    )]
     pub body: Option<frame::Body>,
 }
 
-/// The frame body variants. Tags 11..=19 are reserved for the Shell frames
-/// (Open, Data, Resize, Signal, Exit) of the remote-shell issue.
+/// The frame body variants. Tags 11..=15 are the Shell frames (remote shells into a live
+/// sandbox); 16..=19 stay reserved for them.
 pub mod frame {
     /// What a frame carries.
     // Hello is large but rare; boxing it would cost an allocation on every frame decode.
@@ -51,6 +54,21 @@ pub mod frame {
         /// agent -> probe: stop the handler and end the sandbox.
         #[prost(message, tag = "10")]
         Shutdown(super::Shutdown),
+        /// agent -> probe: start a shell session (a PTY shell, or one command).
+        #[prost(message, tag = "11")]
+        ShellOpen(super::ShellOpen),
+        /// either direction: bytes of a session (stdin to the probe, stdout/stderr back).
+        #[prost(message, tag = "12")]
+        ShellData(super::ShellData),
+        /// agent -> probe: the terminal's new size.
+        #[prost(message, tag = "13")]
+        ShellResize(super::ShellResize),
+        /// agent -> probe: deliver a signal to the session's process group.
+        #[prost(message, tag = "14")]
+        ShellSignal(super::ShellSignal),
+        /// probe -> agent: the session ended (or could not start).
+        #[prost(message, tag = "15")]
+        ShellExit(super::ShellExit),
     }
 }
 
@@ -347,4 +365,98 @@ pub struct Shutdown {
     /// How long handlers get after SIGTERM before SIGKILL.
     #[prost(uint32, tag = "2")]
     pub grace_ms: u32,
+}
+
+/// agent -> probe: open a shell session.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShellOpen {
+    /// Session id, chosen by the agent, unique on the link.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// Command for `sh -c`; empty = an interactive login shell.
+    #[prost(string, tag = "2")]
+    pub command: String,
+    /// Run on a pseudo-terminal (stdout and stderr merged), with this TERM and size.
+    #[prost(bool, tag = "3")]
+    pub pty: bool,
+    /// TERM for the PTY.
+    #[prost(string, tag = "4")]
+    pub term: String,
+    /// Columns.
+    #[prost(uint32, tag = "5")]
+    pub cols: u32,
+    /// Rows.
+    #[prost(uint32, tag = "6")]
+    pub rows: u32,
+    /// Extra environment, `KEY=VALUE`.
+    #[prost(string, repeated, tag = "7")]
+    pub env: Vec<String>,
+}
+
+/// Which stream a [`ShellData`] belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ShellStream {
+    /// Input to the session (agent -> probe). Empty data = end of input.
+    Stdin = 0,
+    /// Output (with a PTY: everything the terminal shows).
+    Stdout = 1,
+    /// Error output (without a PTY).
+    Stderr = 2,
+}
+
+/// Bytes of one session.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShellData {
+    /// Session id.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// Stream.
+    #[prost(enumeration = "ShellStream", tag = "2")]
+    pub stream: i32,
+    /// The bytes (empty stdin = EOF).
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
+}
+
+/// agent -> probe: window change.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShellResize {
+    /// Session id.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// Columns.
+    #[prost(uint32, tag = "2")]
+    pub cols: u32,
+    /// Rows.
+    #[prost(uint32, tag = "3")]
+    pub rows: u32,
+}
+
+/// agent -> probe: signal the session's process group.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShellSignal {
+    /// Session id.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// Signal number (Linux).
+    #[prost(int32, tag = "2")]
+    pub signal: i32,
+}
+
+/// probe -> agent: the session is over.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShellExit {
+    /// Session id.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// Exit code (when it exited).
+    #[prost(int32, tag = "2")]
+    pub code: i32,
+    /// Signal that killed it (0 = none).
+    #[prost(int32, tag = "3")]
+    pub signal: i32,
+    /// Why it could not start or was cut off (empty when it ran and ended).
+    #[prost(string, tag = "4")]
+    pub error: String,
 }
