@@ -291,11 +291,18 @@ impl Link {
                 drop(p);
                 self.on_log(l);
             }
+            // Shell sessions are not opened by this agent yet (remote-shell issue): any
+            // shell output is unexpected.
             Body::Ping(_)
             | Body::Hello(_)
             | Body::Invoke(_)
             | Body::StatsRequest(_)
-            | Body::Shutdown(_) => {
+            | Body::Shutdown(_)
+            | Body::ShellOpen(_)
+            | Body::ShellData(_)
+            | Body::ShellResize(_)
+            | Body::ShellSignal(_)
+            | Body::ShellExit(_) => {
                 self.metrics
                     .unexpected_frames
                     .fetch_add(1, Ordering::Relaxed);
