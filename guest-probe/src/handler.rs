@@ -173,19 +173,7 @@ impl HandlerCtx {
         // open, write, close) on memory it owns.
         unsafe {
             cmd.pre_exec(|| {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-                for sig in 1..32 {
-                    if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                        libc::signal(sig, libc::SIG_DFL);
-                    }
-                }
-                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
-                if fd >= 0 {
-                    libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
-                    libc::close(fd);
-                }
+                crate::shell::child_defaults();
                 Ok(())
             });
         }

@@ -146,7 +146,7 @@ impl Shells {
                     if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    reset_signals();
+                    child_defaults();
                     Ok(())
                 });
             }
@@ -178,10 +178,10 @@ impl Shells {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .process_group(0);
-            // SAFETY: async-signal-safe calls only (see `reset_signals`).
+            // SAFETY: async-signal-safe calls only (see `child_defaults`).
             unsafe {
                 cmd.pre_exec(|| {
-                    reset_signals();
+                    child_defaults();
                     Ok(())
                 });
             }
@@ -252,10 +252,18 @@ impl Shells {
     }
 }
 
-/// Undo the probe's signal mask and handlers in a child (async-signal-safe).
-fn reset_signals() {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigprocmask/signal are async-signal-safe.
+/// In a forked child before exec (async-signal-safe calls only): undo the probe's signal
+/// mask and handlers, and its OOM protection, so handlers and shells start with default
+/// signal behaviour and are what the OOM killer picks.
+pub(crate) fn child_defaults() {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigprocmask/signal/open/write/close are
+    // async-signal-safe and only touch memory owned here.
     unsafe {
+        let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+        if fd >= 0 {
+            libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+            libc::close(fd);
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
