@@ -345,15 +345,7 @@ impl Agent {
             LinkSource::Connected(s) => s,
             LinkSource::Listening(l) => match accept_probe(&l, &*handle, deadline).await {
                 Ok(s) => s,
-                Err(why) => {
-                    let diag = handle.diagnostics();
-                    handle.destroy().await;
-                    let mut msg = format!("sandbox {}: {why}", spec.id);
-                    if !diag.is_empty() {
-                        msg.push_str(&format!("; console: {}", tail_lines(&diag, 12)));
-                    }
-                    return Err(BootFailure::Platform(msg));
-                }
+                Err(why) => return Err(boot_failed(&*handle, &spec.id, why).await),
             },
         };
         let hs = match Link::handshake(
@@ -367,23 +359,7 @@ impl Agent {
         .await
         {
             Ok(hs) => hs,
-            Err(e) => {
-                // Give the process a moment to finish writing why it died.
-                for _ in 0..20 {
-                    if handle.exited() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let diag = handle.diagnostics();
-                handle.destroy().await;
-                let mut msg = format!("sandbox {}: {}", spec.id, chain(&e));
-                if !diag.is_empty() {
-                    msg.push_str(&format!("; probe output: {}", diag.replace('\n', " | ")));
-                }
-                return Err(BootFailure::Platform(msg));
-            }
+            Err(e) => return Err(boot_failed(&*handle, &spec.id, chain(&e)).await),
         };
         let ready = match tokio::time::timeout(
             deadline.saturating_duration_since(Instant::now()),
@@ -425,7 +401,7 @@ impl Agent {
             vmm_setup_us: None,
             kernel_us: None,
         };
-        if handle.is_vm() {
+        if handle.configured().is_some() {
             let w = crate::drivers::vm::waterfall(
                 to_hello,
                 hs.hello.uptime_at_init_us,
@@ -936,7 +912,7 @@ impl Agent {
                 .map(|m| (m.name.clone(), m.since_init_ns))
                 .collect(),
             logs: sb.link.recent_logs(),
-            console: if sb.handle.is_vm() {
+            console: if sb.handle.configured().is_some() {
                 sb.handle.diagnostics().lines().map(String::from).collect()
             } else {
                 Vec::new()
@@ -1252,6 +1228,25 @@ async fn accept_probe(
             )
         }),
     }
+}
+
+/// End a sandbox that failed to start, and say why with the last lines it wrote (a
+/// process sandbox's probe output, a VM's serial console).
+async fn boot_failed(
+    handle: &dyn crate::drivers::SandboxHandle,
+    id: &str,
+    why: String,
+) -> BootFailure {
+    // Give the process a moment to finish writing why it died.
+    handle.wait_exited(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let diag = handle.diagnostics();
+    handle.destroy().await;
+    let mut msg = format!("sandbox {id}: {why}");
+    if !diag.is_empty() {
+        msg.push_str(&format!("; output: {}", tail_lines(&diag, 12)));
+    }
+    BootFailure::Platform(msg)
 }
 
 /// The last `n` lines of `text`, joined with ` | `.

@@ -2,7 +2,7 @@
 //! function, for the microVM drivers.
 
 use anyhow::{Context, Result};
-use guest_image::{initramfs, kernel, Progress};
+use guest_image::{kernel, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,13 +122,7 @@ fn build_blocking(a: BuildArgs) -> Result<ExitCode> {
     let t1 = Instant::now();
     let mut images = Vec::new();
     for f in &cfg.functions {
-        let spec = initramfs::Spec {
-            probe: probe.clone(),
-            busybox: busybox.clone(),
-            code_dir: Some(f.code.clone()),
-            probe_args: host_agent::drivers::vm::probe_args(f),
-        };
-        let p = initramfs::build_cached(&spec, &out, &f.name)
+        let p = host_agent::drivers::vm::write_initramfs(f, &probe, busybox.as_deref(), &out)
             .with_context(|| format!("initramfs for function {}", f.name))?;
         let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         images.push((f.name.clone(), p, size));

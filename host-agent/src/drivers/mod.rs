@@ -129,15 +129,12 @@ pub trait SandboxHandle: Send + Sync {
     /// Last lines the sandbox process itself wrote (diagnostics for failed starts; a VM's
     /// serial console).
     fn diagnostics(&self) -> String;
-    /// Whether this is a microVM (its boot has vmm_setup and kernel phases).
-    fn is_vm(&self) -> bool {
-        false
-    }
     /// VMM process start → first KVM_RUN in µs, if the VMM reports it (vmm-lite).
     fn vmm_setup_us(&self) -> BoxFuture<'_, Option<u64>> {
         Box::pin(async { None })
     }
-    /// Resources configured for the guest (VMs): committed memory and vCPUs.
+    /// Resources configured for the guest: committed memory and vCPUs. `Some` marks a
+    /// microVM (its boot has vmm_setup and kernel phases, its output is a console).
     fn configured(&self) -> Option<Configured> {
         None
     }
@@ -265,6 +262,25 @@ pub fn select(cfg: &AgentConfig) -> Result<(Arc<dyn Driver>, String), DriverErro
             Ok((Arc::new(d), why))
         }
     }
+}
+
+/// Wait until `exited` is set, at most `limit`; true if it is. `notify` must be notified
+/// exactly when the flag is set (after setting it).
+pub async fn wait_flag(
+    exited: &std::sync::atomic::AtomicBool,
+    notify: &tokio::sync::Notify,
+    limit: Duration,
+) -> bool {
+    use std::sync::atomic::Ordering;
+    let notified = notify.notified();
+    tokio::pin!(notified);
+    // Register before checking the flag, so a change in between is not missed.
+    notified.as_mut().enable();
+    if exited.load(Ordering::Acquire) {
+        return true;
+    }
+    let _ = tokio::time::timeout(limit, notified).await;
+    exited.load(Ordering::Acquire)
 }
 
 /// Read a child's stdout and stderr line by line into the ring `ring` (at most `cap`

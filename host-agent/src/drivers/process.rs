@@ -286,16 +286,11 @@ impl SandboxHandle for ProcSandbox {
     }
 
     fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            let notified = self.state.exit_notify.notified();
-            tokio::pin!(notified);
-            // Register before checking the flag, so an exit in between is not missed.
-            notified.as_mut().enable();
-            if self.exited() {
-                return true;
-            }
-            tokio::time::timeout(limit, notified).await.is_ok() || self.exited()
-        })
+        Box::pin(super::wait_flag(
+            &self.state.exited,
+            &self.state.exit_notify,
+            limit,
+        ))
     }
 
     fn diagnostics(&self) -> String {

@@ -64,13 +64,7 @@ impl Images {
         let dir = cfg.state_dir.join("images");
         let mut initrds = HashMap::new();
         for f in &cfg.functions {
-            let spec = guest_image::initramfs::Spec {
-                probe: probe.clone(),
-                busybox: busybox.clone(),
-                code_dir: Some(f.code.clone()),
-                probe_args: probe_args(f),
-            };
-            let path = guest_image::initramfs::build_cached(&spec, &dir, &f.name).map_err(|e| {
+            let path = write_initramfs(f, &probe, busybox.as_deref(), &dir).map_err(|e| {
                 unavailable(format!(
                     "initramfs for function {}: {}",
                     f.name,
@@ -92,6 +86,22 @@ impl Images {
                 reason: format!("no initramfs for function {function} (added after start?)"),
             })
     }
+}
+
+/// Write (or find, it is content-addressed) the initramfs of function `f` in `dir`.
+pub fn write_initramfs(
+    f: &FunctionSpec,
+    probe: &Path,
+    busybox: Option<&Path>,
+    dir: &Path,
+) -> Result<PathBuf, guest_image::initramfs::InitramfsError> {
+    let spec = guest_image::initramfs::Spec {
+        probe: probe.to_path_buf(),
+        busybox: busybox.map(Path::to_path_buf),
+        code_dir: Some(f.code.clone()),
+        probe_args: probe_args(f),
+    };
+    guest_image::initramfs::build_cached(&spec, dir, &f.name)
 }
 
 /// The probe's command line inside the guest (stored in the initramfs); the sandbox and
@@ -283,10 +293,11 @@ impl VmProcs {
         tokio::spawn(async move {
             let _ = child.wait().await;
             ex.store(true, Ordering::Release);
+            // Only the main process's exit ends the VM (and wakes `wait_exited`).
             if main {
                 main_ex.store(true, Ordering::Release);
+                notify.notify_waiters();
             }
-            notify.notify_waiters();
         });
         self.procs
             .lock()
@@ -321,26 +332,11 @@ impl VmProcs {
 
     /// Wait for the main process to exit, at most `limit`.
     pub fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            let notified = self.exit_notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.exited() {
-                return true;
-            }
-            let deadline = Instant::now() + limit;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if tokio::time::timeout(left, notified.as_mut()).await.is_err() {
-                    return self.exited();
-                }
-                if self.exited() {
-                    return true;
-                }
-                notified.set(self.exit_notify.notified());
-                notified.as_mut().enable();
-            }
-        })
+        Box::pin(super::wait_flag(
+            &self.main_exited,
+            &self.exit_notify,
+            limit,
+        ))
     }
 
     /// The console ring as text.
@@ -451,10 +447,6 @@ impl SandboxHandle for VmSandbox {
 
     fn diagnostics(&self) -> String {
         self.procs.console()
-    }
-
-    fn is_vm(&self) -> bool {
-        true
     }
 
     fn vmm_setup_us(&self) -> BoxFuture<'_, Option<u64>> {
