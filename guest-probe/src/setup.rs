@@ -239,6 +239,24 @@ pub fn build_root(spec: &RootSpec) -> Result<(), SetupError> {
         Some("mode=1777"),
     )?;
 
+    // A private devpts instance for shell sessions' terminals (best effort: without it
+    // shells still run on pipes, and PTY requests fail with a clear error).
+    let pts = dev.join("pts");
+    mkdir_p(&pts)?;
+    if mount(
+        Some(Path::new("devpts")),
+        &pts,
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .is_ok()
+    {
+        let ptmx = dev.join("ptmx");
+        std::os::unix::fs::symlink("pts/ptmx", &ptmx)
+            .map_err(|source| SetupError::Create { path: ptmx, source })?;
+    }
+
     let sys = root.join("sys");
     mkdir_p(&sys)?;
     let sys_flags = flags_nosuid | libc::MS_NOEXEC | libc::MS_RDONLY;

@@ -132,6 +132,8 @@ pub struct Agent {
     ids: AtomicU64,
     jsonl: Option<JsonlSink>,
     alerts: Arc<crate::alerts::Engine>,
+    sessions: Arc<crate::shell::Sessions>,
+    ssh: std::sync::OnceLock<crate::ssh::SshInfo>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -225,6 +227,8 @@ impl Agent {
             ids: AtomicU64::new(seed | 1),
             jsonl,
             alerts,
+            sessions: Arc::default(),
+            ssh: std::sync::OnceLock::new(),
         });
         agent.clone().spawn_reaper();
         for p in &agent.pools {
@@ -451,7 +455,8 @@ impl Agent {
         }
         tokio::spawn(async move {
             let _g = sb.freeze_lock.lock().await;
-            if sb.state() != SandboxState::Idle {
+            // An open shell keeps it running.
+            if sb.state() != SandboxState::Idle || sb.shells() > 0 {
                 return;
             }
             match sb.handle.freeze().await {
@@ -967,6 +972,126 @@ impl Agent {
         send(report_line(spec, invoke_id, sample));
     }
 
+    /// Open a shell session on `target`: a live sandbox's id, or a function name (a live
+    /// sandbox of it, idle ones first, else one started for the session). The sandbox is
+    /// thawed if frozen and pinned while the session is open.
+    pub async fn open_shell(
+        self: &Arc<Self>,
+        target: &str,
+        req: crate::shell::ShellRequest,
+    ) -> Result<crate::shell::ShellSession, crate::shell::ShellError> {
+        use crate::shell::{Picked, ShellError};
+        let named = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(target)
+            .cloned();
+        let (sb, picked) = if let Some(sb) = named {
+            sb.pin();
+            (sb, Picked::Named)
+        } else if let Some(&i) = self.by_name.get(target) {
+            let pool = self.pools[i].clone();
+            let rank = |s: SandboxState| match s {
+                SandboxState::Idle => 0,
+                SandboxState::Frozen => 1,
+                SandboxState::Busy => 2,
+                SandboxState::Booting => 3,
+            };
+            let live = self
+                .live_sandboxes()
+                .into_iter()
+                .filter(|sb| sb.fn_index == pool.index && sb.healthy())
+                .min_by_key(|sb| (rank(sb.state()), sb.idle_for()));
+            match live {
+                Some(sb) => {
+                    sb.pin();
+                    (sb, Picked::Live)
+                }
+                None => (self.start_for_shell(&pool).await?, Picked::Started),
+            }
+        } else {
+            let mut known: Vec<String> =
+                self.live_sandboxes().iter().map(|s| s.id.clone()).collect();
+            known.truncate(8);
+            let functions: Vec<&str> = self.pools.iter().map(|p| p.spec.name.as_str()).collect();
+            return Err(ShellError::Unknown {
+                target: target.to_string(),
+                known: format!(
+                    "functions: {}; live sandboxes: {}",
+                    if functions.is_empty() {
+                        "none".into()
+                    } else {
+                        functions.join(", ")
+                    },
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            });
+        };
+        if self.thaw_if_frozen(&sb).await.is_some() {
+            sb.mark_thawed();
+        }
+        let logs = self.logs.clone();
+        let audit: crate::shell::AuditFn = Arc::new(move |v| audit_session(&logs, v));
+        let lifetime = self
+            .cfg
+            .ssh
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |s| s.max_session);
+        let s = crate::shell::ShellSession::open(
+            sb,
+            &req,
+            picked,
+            self.sessions.clone(),
+            audit,
+            lifetime,
+        )
+        .await?;
+        tracing::info!(session = s.id(), sandbox = %s.sandbox_id(), who = %req.who,
+            "shell session opened");
+        Ok(s)
+    }
+
+    /// Start a sandbox of `pool` for a shell (pinned before it is parked, so it is
+    /// neither frozen nor reaped under the session).
+    async fn start_for_shell(
+        self: &Arc<Self>,
+        pool: &Arc<Pool>,
+    ) -> Result<Arc<Sandbox>, crate::shell::ShellError> {
+        let err = |reason: String| crate::shell::ShellError::Start {
+            function: pool.spec.name.clone(),
+            reason,
+        };
+        let permit = pool.acquire().await.map_err(|e| err(e.to_string()))?;
+        let sb = match self.boot(pool).await {
+            Ok(sb) => sb,
+            Err(BootFailure::Platform(e) | BootFailure::Init(e)) => return Err(err(e)),
+        };
+        sb.pin();
+        self.park(pool, sb.clone());
+        drop(permit);
+        Ok(sb)
+    }
+
+    /// Open and recently ended shell sessions.
+    pub fn sessions_view(&self) -> crate::shell::SessionsView {
+        self.sessions.view()
+    }
+
+    /// Record where the SSH endpoint listens (shown by `/v1/ssh`).
+    pub fn set_ssh_info(&self, info: crate::ssh::SshInfo) {
+        let _ = self.ssh.set(info);
+    }
+
+    /// The SSH endpoint, if it runs.
+    pub fn ssh_info(&self) -> Option<&crate::ssh::SshInfo> {
+        self.ssh.get()
+    }
+
     /// End every sandbox (agent shutdown).
     pub async fn shutdown(&self) {
         self.alerts.stop();
@@ -974,6 +1099,49 @@ impl Agent {
             self.destroy(&sb, "agent shutting down").await;
         }
     }
+}
+
+/// The audit record of a shell session, as a platform line on the log bus (alert rules,
+/// log streams and the log exporters see it) and in the agent's log.
+fn audit_session(logs: &broadcast::Sender<LogLine>, v: &crate::shell::SessionView) {
+    let end = v.end.clone().unwrap_or_default();
+    let mut line = format!(
+        "SHELL_SESSION id={} sandbox={} function={} kind={} pty={} who={} peer={} \
+         picked={} duration_ms={:.0} exit={} signal={} bytes_in={} bytes_out={}",
+        v.id,
+        v.sandbox,
+        v.function,
+        v.kind,
+        v.pty,
+        v.who,
+        v.peer,
+        serde_json::to_value(v.picked)
+            .ok()
+            .and_then(|x| x.as_str().map(String::from))
+            .unwrap_or_default(),
+        v.duration_s * 1000.0,
+        end.code,
+        end.signal,
+        v.bytes_in,
+        v.bytes_out,
+    );
+    if !v.command.is_empty() {
+        line.push_str(&format!(" command={:?}", v.command));
+    }
+    if !end.error.is_empty() {
+        line.push_str(&format!(" error={:?}", end.error));
+    }
+    tracing::info!("{line}");
+    let _ = logs.send(LogLine {
+        sandbox: v.sandbox.as_str().into(),
+        function: v.function.as_str().into(),
+        seq: 0,
+        stream: "platform",
+        invoke_id: String::new(),
+        line,
+        ts_ms: v.started_unix_ms + (v.duration_s * 1000.0) as u64,
+        truncated: false,
+    });
 }
 
 /// Lambda's `REPORT RequestId: ...` line for one invocation.
@@ -1109,6 +1277,8 @@ pub struct SandboxView {
     pub guest: Option<drivers::Configured>,
     /// Start timings.
     pub boot: BootTimes,
+    /// Open shell sessions (a sandbox with one is not reaped or frozen).
+    pub shells: usize,
     /// Probe report.
     pub probe: ProbeView,
 }
@@ -1134,6 +1304,7 @@ fn sandbox_view(sb: &Sandbox) -> SandboxView {
         cpus: guest.map_or(sb.function.cpus, |g| g.vcpus as f64),
         guest,
         boot: sb.boot,
+        shells: sb.shells(),
         probe: ProbeView {
             boot_id: h.boot_id.clone(),
             hostname: h.hostname.clone(),

@@ -25,6 +25,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/alerts", get(alerts))
         .route("/v1/rules/reload", post(reload_rules))
+        .route("/v1/sessions", get(sessions))
+        .route("/v1/ssh", get(ssh))
         .layer(DefaultBodyLimit::max(wire::MAX_PAYLOAD))
         .with_state(agent)
 }
@@ -245,6 +247,21 @@ async fn health(State(agent): State<Arc<Agent>>) -> Response {
     let (driver, why) = agent.driver();
     Json(serde_json::json!({"status": "ok", "driver": driver, "driver_reason": why}))
         .into_response()
+}
+
+async fn sessions(State(agent): State<Arc<Agent>>) -> Response {
+    Json(agent.sessions_view()).into_response()
+}
+
+async fn ssh(State(agent): State<Arc<Agent>>) -> Response {
+    match agent.ssh_info() {
+        Some(i) => Json(i).into_response(),
+        None => service_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            "the SSH endpoint is off: start the agent with --ssh or an [ssh] table".into(),
+        ),
+    }
 }
 
 async fn alerts(State(agent): State<Arc<Agent>>) -> Response {

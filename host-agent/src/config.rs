@@ -52,6 +52,22 @@ pub struct RawConfig {
     /// `[[rules]]` tables (alert rules; not reloadable, see `agent.rules`).
     #[serde(default)]
     pub rules: Vec<crate::alerts::rules::RawRule>,
+    /// `[ssh]` table: present = the SSH endpoint is on.
+    pub ssh: Option<RawSsh>,
+}
+
+/// Raw `[ssh]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSsh {
+    /// Listen address (default 127.0.0.1:2222).
+    pub listen: Option<String>,
+    /// OpenSSH authorized_keys file (default ~/.ssh/authorized_keys).
+    pub authorized_keys: Option<PathBuf>,
+    /// Host key (OpenSSH private key; generated on first start if missing).
+    pub host_key: Option<PathBuf>,
+    /// Longest a session may stay open, seconds (default 3600).
+    pub max_session_s: Option<f64>,
 }
 
 /// Raw `[agent]`.
@@ -242,6 +258,79 @@ pub struct AgentConfig {
     pub rules_file: Option<PathBuf>,
     /// Binaries and kernel for the microVM drivers.
     pub vm: VmConfig,
+    /// The SSH endpoint, if on.
+    pub ssh: Option<SshConfig>,
+}
+
+/// The SSH endpoint into live sandboxes.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Keys allowed in (OpenSSH authorized_keys format; re-read at every login).
+    pub authorized_keys: PathBuf,
+    /// Host key file.
+    pub host_key: PathBuf,
+    /// Longest a session may stay open.
+    pub max_session: Duration,
+}
+
+/// Default SSH address.
+pub const DEFAULT_SSH: &str = "127.0.0.1:2222";
+
+impl SshConfig {
+    /// Defaults for everything: loopback, the user's authorized_keys, a host key in the
+    /// data dir, one hour.
+    pub fn with_defaults() -> Self {
+        Self {
+            listen: DEFAULT_SSH.parse().expect("valid default address"),
+            authorized_keys: home().join(".ssh/authorized_keys"),
+            host_key: default_data_dir().join("ssh_host_ed25519_key"),
+            max_session: Duration::from_secs(3600),
+        }
+    }
+
+    fn validate(raw: RawSsh, base: &Path) -> Result<Self, (String, String)> {
+        let mut c = Self::with_defaults();
+        if let Some(l) = raw.listen {
+            c.listen = l.parse().map_err(|_| {
+                (
+                    "ssh.listen".to_string(),
+                    format!("`{l}` is not an address like {DEFAULT_SSH}"),
+                )
+            })?;
+        }
+        let anchor = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        if let Some(p) = raw.authorized_keys {
+            c.authorized_keys = anchor(p);
+        }
+        if let Some(p) = raw.host_key {
+            c.host_key = anchor(p);
+        }
+        c.max_session = secs(raw.max_session_s, 3600.0, 1.0, 7.0 * 86_400.0)
+            .map_err(|r| ("ssh.max_session_s".to_string(), r))?;
+        Ok(c)
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// Where the agent keeps what must survive restarts (the SSH host key):
+/// `/var/lib/sandscope` for root, else `$XDG_DATA_HOME/sandscope` or
+/// `~/.local/share/sandscope`.
+pub fn default_data_dir() -> PathBuf {
+    if crate::util::is_root() && Path::new("/var/lib").is_dir() {
+        return PathBuf::from("/var/lib/sandscope");
+    }
+    match std::env::var_os("XDG_DATA_HOME").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p).join("sandscope"),
+        None => home().join(".local/share/sandscope"),
+    }
 }
 
 /// What the microVM drivers use; `None` means "find it" (see the driver docs).
@@ -457,7 +546,13 @@ impl AgentConfig {
             vhost_device_vsock: resolve(raw.agent.vhost_device_vsock),
             vmm_lite: resolve(raw.agent.vmm_lite),
         };
+        let ssh = raw
+            .ssh
+            .map(|r| SshConfig::validate(r, base))
+            .transpose()
+            .map_err(|(k, r)| invalid(k, r))?;
         Ok(AgentConfig {
+            ssh,
             vm,
             rules,
             rules_file,
@@ -508,6 +603,31 @@ mod tests {
 
     fn parse(t: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::parse(t, "test.toml", Path::new("/"))
+    }
+
+    #[test]
+    fn ssh_table_turns_the_endpoint_on_with_defaults_and_checks_values() {
+        let off = parse("").unwrap();
+        assert!(off.ssh.is_none());
+        let on = parse("[ssh]\n").unwrap().ssh.unwrap();
+        assert_eq!(on.listen.to_string(), DEFAULT_SSH);
+        assert!(on.authorized_keys.ends_with(".ssh/authorized_keys"));
+        assert_eq!(on.max_session, Duration::from_secs(3600));
+        let c = parse(
+            "[ssh]\nlisten = \"0.0.0.0:22022\"\nauthorized_keys = \"keys\"\nmax_session_s = 60\n",
+        )
+        .unwrap()
+        .ssh
+        .unwrap();
+        assert_eq!(c.listen.port(), 22022);
+        assert_eq!(c.authorized_keys, Path::new("/keys"));
+        assert_eq!(c.max_session, Duration::from_secs(60));
+        let e = parse("[ssh]\nlisten = \"nope\"\n").unwrap_err().to_string();
+        assert!(e.contains("ssh.listen") && e.contains("`nope`"), "{e}");
+        let e = parse("[ssh]\nmax_session_s = 0\n").unwrap_err().to_string();
+        assert!(e.contains("ssh.max_session_s"), "{e}");
+        let e = parse("[ssh]\npassword = true\n").unwrap_err().to_string();
+        assert!(e.contains("password"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod pool;
 pub mod procfs;
 pub mod recorder;
+pub mod shell;
+pub mod ssh;
 pub mod util;
 
 pub use agent::{Agent, Invocation, InvokeError, InvokeOptions, Status};

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use wire::frame::Body;
 use wire::{AsyncFrameReader, AsyncFrameWriter, Frame};
 
@@ -86,6 +86,25 @@ pub struct LogLine {
     pub truncated: bool,
 }
 
+/// What a shell session in the sandbox says, in order; [`ShellEvent::Exit`] is last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShellEvent {
+    /// Output on the terminal or stdout.
+    Stdout(Vec<u8>),
+    /// Output on stderr (sessions without a PTY).
+    Stderr(Vec<u8>),
+    /// The session ended.
+    Exit {
+        /// Exit code (-1 when it did not exit normally).
+        code: i32,
+        /// Terminating signal, 0 if none.
+        signal: i32,
+        /// Why it could not start or ended abnormally (the sandbox ended, ...), empty if
+        /// it simply exited.
+        error: String,
+    },
+}
+
 /// How many recent lines each link keeps for the API.
 pub const RECENT_LOG_LINES: usize = 200;
 
@@ -112,6 +131,8 @@ pub struct Link {
     nonce: AtomicU64,
     metrics: Arc<AgentMetrics>,
     logs: broadcast::Sender<LogLine>,
+    shells: Mutex<std::collections::HashMap<u64, mpsc::UnboundedSender<ShellEvent>>>,
+    next_session: AtomicU64,
 }
 
 impl std::fmt::Debug for Link {
@@ -196,6 +217,8 @@ impl Link {
             nonce: AtomicU64::new(1),
             metrics,
             logs,
+            shells: Mutex::default(),
+            next_session: AtomicU64::new(1),
         });
         let l2 = link.clone();
         tokio::spawn(async move { l2.read_loop(reader).await });
@@ -234,6 +257,39 @@ impl Link {
             .get_or_insert(reason);
         // Dropping the senders wakes every waiter with an error.
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Pending::default();
+        let why = self.closed_reason().unwrap_or_default();
+        for (_, tx) in self.shells().drain() {
+            let _ = tx.send(ShellEvent::Exit {
+                code: -1,
+                signal: 0,
+                error: format!("sandbox {} ended: {why}", self.sandbox),
+            });
+        }
+    }
+
+    fn shells(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, mpsc::UnboundedSender<ShellEvent>>>
+    {
+        self.shells.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn on_shell(&self, session: u64, ev: ShellEvent) {
+        let mut shells = self.shells();
+        let exit = matches!(ev, ShellEvent::Exit { .. });
+        let delivered = match shells.get(&session) {
+            Some(tx) => tx.send(ev).is_ok(),
+            None => false,
+        };
+        if exit || !delivered {
+            shells.remove(&session);
+        }
+        if !delivered && !exit {
+            drop(shells);
+            self.metrics
+                .unexpected_frames
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn route(this: &Arc<Self>, f: Frame) {
@@ -291,18 +347,34 @@ impl Link {
                 drop(p);
                 self.on_log(l);
             }
-            // Shell sessions are not opened by this agent yet (remote-shell issue): any
-            // shell output is unexpected.
+            Body::ShellData(d) => {
+                drop(p);
+                let ev = match d.stream() {
+                    wire::ShellStream::Stderr => ShellEvent::Stderr(d.data),
+                    _ => ShellEvent::Stdout(d.data),
+                };
+                self.on_shell(d.session, ev);
+            }
+            Body::ShellExit(e) => {
+                drop(p);
+                self.on_shell(
+                    e.session,
+                    ShellEvent::Exit {
+                        code: e.code,
+                        signal: e.signal,
+                        error: e.error,
+                    },
+                );
+            }
+            // Agent-to-probe frames coming back are protocol errors, counted.
             Body::Ping(_)
             | Body::Hello(_)
             | Body::Invoke(_)
             | Body::StatsRequest(_)
             | Body::Shutdown(_)
             | Body::ShellOpen(_)
-            | Body::ShellData(_)
             | Body::ShellResize(_)
-            | Body::ShellSignal(_)
-            | Body::ShellExit(_) => {
+            | Body::ShellSignal(_) => {
                 self.metrics
                     .unexpected_frames
                     .fetch_add(1, Ordering::Relaxed);
@@ -450,6 +522,40 @@ impl Link {
                 after: wait,
             }),
         }
+    }
+
+    /// Open a shell session in the sandbox (`open.session` is assigned here). Events
+    /// arrive on the returned receiver until [`ShellEvent::Exit`], which also comes when
+    /// the link closes.
+    pub async fn open_shell(
+        &self,
+        mut open: wire::ShellOpen,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<ShellEvent>), LinkError> {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        open.session = session;
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut shells = self.shells();
+            if !self.is_alive() {
+                return Err(self.closed_err());
+            }
+            shells.insert(session, tx);
+        }
+        if let Err(e) = self.send(open.into()).await {
+            self.shells().remove(&session);
+            return Err(e);
+        }
+        Ok((session, rx))
+    }
+
+    /// Send a shell frame (input, resize, signal) for an open session.
+    pub async fn shell_frame(&self, frame: Frame) -> Result<(), LinkError> {
+        self.send(frame).await
+    }
+
+    /// Stop routing a session's events (its consumer is gone).
+    pub fn forget_shell(&self, session: u64) {
+        self.shells().remove(&session);
     }
 
     /// Ask the probe to end the sandbox. Best effort.

@@ -81,6 +81,8 @@ pub struct Sandbox {
     /// OOM kills already attributed to an invocation (a new cgroup starts at 0, so the
     /// counter is only read when an invocation fails).
     pub oom_seen: std::sync::atomic::AtomicU64,
+    /// Open shell sessions; while any is open the sandbox is neither reaped nor frozen.
+    shells: AtomicUsize,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -124,6 +126,7 @@ impl Sandbox {
             freeze_lock: tokio::sync::Mutex::new(()),
             frozen: std::sync::atomic::AtomicBool::new(false),
             oom_seen: std::sync::atomic::AtomicU64::new(0),
+            shells: AtomicUsize::new(0),
         }
     }
 
@@ -163,6 +166,22 @@ impl Sandbox {
     /// Age.
     pub fn age(&self) -> Duration {
         self.created_at.elapsed()
+    }
+
+    /// A shell session opened on it.
+    pub fn pin(&self) {
+        self.shells.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A shell session ended; keep-alive counts again from now.
+    pub fn unpin(&self) {
+        self.shells.fetch_sub(1, Ordering::AcqRel);
+        self.live().last_used = Instant::now();
+    }
+
+    /// Open shell sessions.
+    pub fn shells(&self) -> usize {
+        self.shells.load(Ordering::Acquire)
     }
 
     /// Whether it can take work (link up, process alive).
@@ -276,7 +295,9 @@ impl Pool {
         while i < idle.len() {
             let remaining_after = idle.len() - 1;
             let sb = &idle[i];
-            let expired = sb.idle_for() >= keep_alive && remaining_after >= min_keep;
+            // An open shell pins a sandbox until the shell closes (or its lifetime ends).
+            let expired =
+                sb.idle_for() >= keep_alive && remaining_after >= min_keep && sb.shells() == 0;
             if !sb.healthy() || expired {
                 out.push(idle.remove(i));
             } else {
@@ -298,6 +319,14 @@ impl Pool {
 }
 
 impl Sandbox {
+    /// After a thaw outside the invoke path: show `idle` again.
+    pub fn mark_thawed(&self) {
+        let mut l = self.live();
+        if l.state == SandboxState::Frozen {
+            l.state = SandboxState::Idle;
+        }
+    }
+
     /// After a background freeze: show `frozen` unless an invocation took it meanwhile.
     pub fn mark_frozen_if_idle(&self) {
         let mut l = self.live();

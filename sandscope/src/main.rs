@@ -6,6 +6,7 @@ mod embedded;
 mod image;
 mod render;
 mod rules;
+mod ssh;
 mod top;
 
 use anyhow::{Context, Result};
@@ -48,6 +49,11 @@ enum Cmd {
     /// Guest images for the microVM drivers (qemu, vmm-lite).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Open a shell (or run one command) inside a live sandbox, over the agent's SSH
+    /// endpoint, with the system `ssh` client.
+    Ssh(ssh::SshArgs),
+    /// Shell sessions into sandboxes: open now and recently ended (the audit trail).
+    Sessions(ViewArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,6 +125,15 @@ struct AgentArgs {
     /// `sandscope image build` cached).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Serve SSH into live sandboxes on this address (default 127.0.0.1:2222 when given
+    /// without a value; overrides `[ssh] listen`). Public keys only, from
+    /// --authorized-keys.
+    #[arg(long, num_args = 0..=1, default_missing_value = host_agent::config::DEFAULT_SSH)]
+    ssh: Option<SocketAddr>,
+    /// OpenSSH authorized_keys file for the SSH endpoint (default ~/.ssh/authorized_keys;
+    /// re-read at every login).
+    #[arg(long)]
+    authorized_keys: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -197,6 +212,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Rules(RulesCmd::Bench(a)) => rules::bench(a),
         Cmd::Top(a) => top::run(a).await,
         Cmd::Image(ImageCmd::Build(a)) => image::build(a).await,
+        Cmd::Ssh(a) => ssh::run(a).await,
+        Cmd::Sessions(a) => ssh::sessions(&a.agent, a.json).await,
     }
 }
 
@@ -243,6 +260,17 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
     if a.kernel.is_some() {
         cfg.vm.kernel = a.kernel;
     }
+    if a.ssh.is_some() || a.authorized_keys.is_some() {
+        let s = cfg
+            .ssh
+            .get_or_insert_with(host_agent::config::SshConfig::with_defaults);
+        if let Some(l) = a.ssh {
+            s.listen = l;
+        }
+        if let Some(k) = a.authorized_keys {
+            s.authorized_keys = k;
+        }
+    }
     let addr = cfg.http;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -265,6 +293,15 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
         .map_or(0, Vec::len);
     if n_rules > 0 {
         eprintln!("  alert rules: {n_rules} (reload: SIGHUP or POST /v1/rules/reload)");
+    }
+    if let Some(s) = agent.config().ssh.clone() {
+        let info = host_agent::ssh::start(agent.clone(), &s).await?;
+        eprintln!(
+            "  ssh: {} (host key {}; keys from {}; `sandscope ssh SANDBOX_OR_FUNCTION`)",
+            info.listen,
+            info.host_key_fingerprint,
+            info.authorized_keys.display()
+        );
     }
     {
         let a = agent.clone();
