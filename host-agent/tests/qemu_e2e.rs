@@ -338,3 +338,58 @@ fn missing_pieces_are_named() {
     let e = err(&cfg_with("probe = \"/nonexistent/guest-probe\""));
     assert!(e.contains("guest-probe binary not found"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_into_a_microvm_reaches_the_guest_shell() {
+    if !vm_ready() || !common::ssh::have_ssh() {
+        return;
+    }
+    let a = start_vm(
+        &[func("hello", HELLO, "memory_mb = 96\ntimeout_s = 20")],
+        "boot_timeout_s = 60",
+    )
+    .await;
+    let c = common::ssh::SshClient::serve(&a.agent).await;
+    // By function name with no VM running: one boots for the session.
+    let (code, out, err) = c
+        .exec(
+            "hello",
+            "hostname; grep MemTotal /proc/meminfo; cat /proc/sys/kernel/random/boot_id; \
+             echo guest-err >&2; exit 4",
+        )
+        .await;
+    assert_eq!(code, 4, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let sb = lines[0].to_string();
+    assert!(sb.starts_with("hello-"), "{out}");
+    assert!(
+        err.contains(&format!(
+            "attached to sandbox {sb} of function hello (started for this session)"
+        )) && err.contains("guest-err"),
+        "{err}"
+    );
+    // /proc/meminfo is the guest kernel's: 96 MiB of guest memory, not the host's.
+    let mem_kib: u64 = lines[1].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(mem_kib < 96 * 1024, "guest MemTotal {mem_kib} KiB");
+    assert_ne!(lines[2], host_boot_id(), "the guest has its own kernel");
+
+    // An interactive busybox shell on the guest's PTY: state sticks, size follows.
+    let mut cmd = c.cmd(&c.key, &sb);
+    cmd.arg("-tt").env("TERM", "vt100");
+    let p = common::ssh::PtyClient::spawn(cmd, 25, 90);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.send("cd /var/task\n");
+    p.send("echo cwd=$(pwd)\n");
+    let at = p.expect(0, "cwd=/var/task").await;
+    p.send("stty size\n");
+    let at = p.expect(at, "25 90").await;
+    p.resize(33, 111);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.send("stty size\n");
+    p.expect(at, "33 111").await;
+    let d = a.get(&format!("/v1/sandboxes/{sb}")).await;
+    assert_eq!(d["shells"], 1, "{d}");
+    p.send("exit 6\n");
+    assert_eq!(p.wait().await, 6);
+    a.agent.shutdown().await;
+}

@@ -3,86 +3,27 @@
 
 mod common;
 
+use common::ssh::{fingerprint, have_ssh, keygen, PtyClient, SshClient};
 use common::{func, start_more, TestAgent};
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// `ssh` and `ssh-keygen` are needed; under CI they must be there.
-fn have_ssh() -> bool {
-    let ok = ["ssh", "ssh-keygen"].iter().all(|b| {
-        Command::new(b)
-            .arg("-V")
-            .stderr(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .is_ok()
-    });
-    if !ok {
-        let strict = std::env::var("CI").as_deref() == Ok("true")
-            || std::env::var("SANDSCOPE_REQUIRE_SSH").is_ok();
-        assert!(
-            !strict,
-            "openssh-client is required under CI (scripts/test installs it)"
-        );
-        eprintln!(
-            "SKIPPED: the SSH tests need the OpenSSH client (apt-get install openssh-client)"
-        );
-    }
-    ok
-}
-
-/// A client key pair in `dir`.
-fn keygen(dir: &Path, name: &str) -> PathBuf {
-    let k = dir.join(name);
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&k)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    k
-}
-
-fn fingerprint(key: &Path) -> String {
-    let out = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(key.with_extension("pub"))
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string()
-}
-
-struct Ssh {
-    a: TestAgent,
-    dir: tempfile::TempDir,
-    key: PathBuf,
-    port: u16,
-    known: PathBuf,
-}
 
 const SLEEPER: &str = "cat >/dev/null; echo '{}'";
 
-/// An agent with the SSH endpoint on an ephemeral port and one authorized key.
+struct Ssh {
+    a: TestAgent,
+    c: SshClient,
+}
+
+impl std::ops::Deref for Ssh {
+    type Target = SshClient;
+    fn deref(&self) -> &SshClient {
+        &self.c
+    }
+}
+
+/// An agent (process driver, one function) with the SSH endpoint served.
 async fn agent_with_ssh(max_session_s: u32) -> Ssh {
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path(), "id_ok");
-    let auth = dir.path().join("authorized_keys");
-    std::fs::write(&auth, std::fs::read(key.with_extension("pub")).unwrap()).unwrap();
-    let more = format!(
-        "\n[ssh]\nlisten = \"127.0.0.1:0\"\nauthorized_keys = \"{}\"\nhost_key = \"{}\"\nmax_session_s = {max_session_s}\n",
-        auth.display(),
-        dir.path().join("host_key").display()
-    );
     let a = start_more(
         &[func(
             "hello",
@@ -90,170 +31,18 @@ async fn agent_with_ssh(max_session_s: u32) -> Ssh {
             "[functions.pool]\nkeep_alive_s = 1.5",
         )],
         "",
-        &more,
+        &format!("\n[ssh]\nmax_session_s = {max_session_s}\n"),
     )
     .await;
-    let cfg = a.agent.config().ssh.clone().unwrap();
-    let info = host_agent::ssh::start(a.agent.clone(), &cfg).await.unwrap();
-    let known = dir.path().join("known_hosts");
-    std::fs::write(
-        &known,
-        format!("[127.0.0.1]:{} {}\n", info.listen.port(), info.host_key),
-    )
-    .unwrap();
-    Ssh {
-        port: info.listen.port(),
-        a,
-        dir,
-        key,
-        known,
-    }
+    let c = SshClient::serve(&a.agent).await;
+    Ssh { a, c }
 }
 
 impl Ssh {
-    fn cmd(&self, key: &Path, user: &str) -> Command {
-        let mut c = Command::new("ssh");
-        c.args(["-F", "/dev/null", "-p"])
-            .arg(self.port.to_string())
-            .arg("-i")
-            .arg(key)
-            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.known.display()))
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"])
-            .arg(format!("{user}@127.0.0.1"));
-        c
-    }
-
-    /// Run `ssh USER@agent COMMAND` to completion: (exit code, stdout, stderr).
-    async fn exec(&self, user: &str, command: &str) -> (i32, String, String) {
-        let mut c = self.cmd(&self.key, user);
-        c.arg(command).stdin(Stdio::null());
-        let out = tokio::task::spawn_blocking(move || c.output().unwrap())
-            .await
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
     async fn live_sandbox(&self) -> String {
         let r = self.a.invoke("hello", "{}").await;
         assert_eq!(r.status, 200, "{r:?}");
         r.sandbox
-    }
-}
-
-/// A process on a pseudo-terminal we hold the master of, as a user's terminal would be.
-struct PtyClient {
-    master: OwnedFd,
-    out: Arc<Mutex<Vec<u8>>>,
-    child: std::process::Child,
-}
-
-fn set_winsize(fd: i32, rows: u16, cols: u16) {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads a valid winsize from the pointer.
-    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
-}
-
-impl PtyClient {
-    fn spawn(mut cmd: Command, rows: u16, cols: u16) -> Self {
-        let (mut m, mut s) = (0, 0);
-        // SAFETY: openpty writes two fds into the out-pointers; the rest may be null.
-        let rc = unsafe {
-            libc::openpty(
-                &mut m,
-                &mut s,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both fds were just returned by openpty and are owned here.
-        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
-        set_winsize(slave.as_raw_fd(), rows, cols);
-        let sfd = slave.as_raw_fd();
-        cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
-            .stdout(Stdio::from(slave.try_clone().unwrap()))
-            .stderr(Stdio::from(slave));
-        // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setsid();
-                libc::ioctl(0, libc::TIOCSCTTY, 0);
-                let _ = sfd;
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap();
-        drop(cmd);
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let mut reader = std::fs::File::from(master.try_clone().unwrap());
-        let o2 = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                o2.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Self { master, out, child }
-    }
-
-    fn send(&self, s: &str) {
-        let mut f = std::fs::File::from(self.master.try_clone().unwrap());
-        f.write_all(s.as_bytes()).unwrap();
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    /// Wait until the output (after `from` bytes) contains `pat`; returns the new offset.
-    async fn expect(&self, from: usize, pat: &str) -> usize {
-        let t0 = Instant::now();
-        loop {
-            let t = self.text();
-            if let Some(i) = t.get(from..).and_then(|r| r.find(pat)) {
-                return from + i + pat.len();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "no `{pat}` in the session output after byte {from}:\n{t}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn resize(&self, rows: u16, cols: u16) {
-        // The kernel sends SIGWINCH to the terminal's foreground group (ssh).
-        set_winsize(self.master.as_raw_fd(), rows, cols);
-    }
-
-    async fn wait(mut self) -> i32 {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "ssh did not exit:\n{}",
-                self.text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod ssh;
+
 use host_agent::config::AgentConfig;
 use host_agent::Agent;
 use std::path::Path;
