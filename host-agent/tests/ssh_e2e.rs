@@ -305,3 +305,49 @@ async fn sessions_end_at_the_max_lifetime() {
     assert_eq!((code, out.as_str()), (0, "again\n"));
     assert_eq!(s.a.invoke("hello", "{}").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_sandbox_is_thawed_for_a_shell_and_stays_thawed_while_it_is_open() {
+    if !common::can_run() || !have_ssh() {
+        return;
+    }
+    let a = start_more(
+        &[func(
+            "cool",
+            SLEEPER,
+            "[functions.pool]\nfreeze_idle = true\nkeep_alive_s = 60",
+        )],
+        "",
+        "",
+    )
+    .await;
+    let c = SshClient::serve(&a.agent).await;
+    let state = |v: Option<serde_json::Value>| v.map(|v| v["state"].as_str().unwrap().to_string());
+    let sb = a.invoke("cool", "{}").await.sandbox;
+    let t0 = Instant::now();
+    while state(a.sandbox(&sb).await).as_deref() != Some("frozen") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never frozen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut cmd = c.cmd(&c.key, &sb);
+    cmd.arg("echo in; sleep 1.5; echo out")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let during = a.sandbox(&sb).await.unwrap();
+    assert_eq!(during["state"], "idle", "{during}");
+    assert_eq!(during["shells"], 1, "{during}");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in\nout\n");
+    // Once the shell is gone the sandbox freezes again after its next invocation.
+    assert_eq!(a.invoke("cool", "{}").await.sandbox, sb);
+    let t0 = Instant::now();
+    while state(a.sandbox(&sb).await).as_deref() != Some("frozen") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "not frozen again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

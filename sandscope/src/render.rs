@@ -215,7 +215,12 @@ pub fn sandboxes(v: &Value) -> String {
             s(sb, "id"),
             s(sb, "function"),
             s(sb, "driver"),
-            s(sb, "state"),
+            // `+sh`: a shell session is open (the sandbox is pinned).
+            if n(sb, "shells") > 0 {
+                format!("{}+sh", s(sb, "state"))
+            } else {
+                s(sb, "state").to_string()
+            },
             n(sb, "invocations"),
             sb["age_s"].as_f64().unwrap_or(0.0),
             mib(n(sb, "rss_bytes")),

@@ -109,6 +109,7 @@ pub fn sandbox(function: &str, i: usize) -> Sandbox {
         },
         memory_limit_bytes: 128 << 20,
         cpus: 1.0,
+        shells: 0,
         probe: Probe {
             boot_id: BOOT.into(),
             hostname: format!("{function}-{i}"),

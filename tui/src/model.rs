@@ -181,6 +181,8 @@ pub struct Sandbox {
     pub memory_limit_bytes: u64,
     /// CPU limit, cores.
     pub cpus: f64,
+    /// Open shell sessions (SSH); the sandbox is pinned while any is open.
+    pub shells: u64,
     /// Probe report.
     pub probe: Probe,
 }

@@ -590,7 +590,11 @@ fn sandbox_table(f: &mut Frame, area: Rect, s: &State) {
                 sb.id.clone(),
                 sb.function.clone(),
                 sb.driver.clone(),
-                sb.state.clone(),
+                if sb.shells > 0 {
+                    format!("{}+sh", sb.state)
+                } else {
+                    sb.state.clone()
+                },
                 fmt_age(sb.age_s),
                 sb.invocations.to_string(),
                 fmt_bytes(sb.rss_bytes),
@@ -679,6 +683,15 @@ fn sandbox(f: &mut Frame, area: Rect, s: &State) {
             ),
         ),
     ];
+    if sb.shells > 0 {
+        lines.push(kv(
+            "shells",
+            format!(
+                "{} open (pinned: not reaped or frozen until they close)",
+                sb.shells
+            ),
+        ));
+    }
     if let Some(d) = detail {
         let m: Vec<String> = d
             .markers

@@ -130,3 +130,19 @@ fn latency_without_buckets_falls_back_to_percentile_bars() {
     );
     assert!(!out.contains("log2 bucket"), "{out}");
 }
+
+#[test]
+fn sandboxes_with_open_shells_are_marked_in_hosts_and_detail() {
+    let mut s = fixtures::many(1, 2);
+    s.agents[0].sandboxes.sandboxes[0].shells = 2;
+    let id = s.agents[0].sandboxes.sandboxes[0].id.clone();
+    let hosts = render(&tab(s.clone(), Tab::Hosts), 120, 40);
+    assert!(hosts.contains("+sh"), "{hosts}");
+    s.selected_sb = s
+        .sandboxes()
+        .iter()
+        .position(|(_, sb)| sb.id == id)
+        .unwrap();
+    let detail = render(&tab(s, Tab::Sandbox), 120, 40);
+    assert!(detail.contains("2 open (pinned"), "{detail}");
+}
