@@ -7,6 +7,7 @@
 mod agent_bench;
 mod floor;
 mod recorder_bench;
+mod ssh_bench;
 mod stats;
 mod sys;
 mod vm_bench;
@@ -99,6 +100,9 @@ struct Cli {
     /// Placements for `warm`: unpinned, pinned (agent + sandbox on CPU 0), or both.
     #[arg(long, global = true, default_value = "both")]
     placement: String,
+    /// Keystrokes timed in the `ssh` echo test.
+    #[arg(long, global = true, default_value_t = 500)]
+    keystrokes: usize,
     /// Recorder::record calls per case.
     #[arg(long, global = true, default_value_t = 4_000_000)]
     records: u64,
@@ -127,6 +131,9 @@ enum Cmd {
     Throughput,
     /// microVM cold start under the qemu driver (launch → Hello, phase breakdown).
     Vmboot,
+    /// SSH into a live sandbox vs a local sshd: `ssh true`, first prompt byte, keystroke
+    /// echo (needs openssh-client; openssh-server for the baseline).
+    Ssh,
     /// Everything above except vmboot, in that order (recorder first, before any runtime
     /// exists).
     All,
@@ -172,6 +179,9 @@ fn run(cli: &Cli) -> anyhow::Result<(sys::Machine, Vec<stats::Table>)> {
     }
     if cli.cmd == Cmd::Vmboot {
         emit(&mut tables, vm_bench::vmboot(cli.runs)?);
+    }
+    if cli.cmd == Cmd::Ssh {
+        emit(&mut tables, ssh_bench::ssh(cli.runs, cli.keystrokes)?);
     }
     let needs_work = all || matches!(cli.cmd, Cmd::Coldstart | Cmd::Warm | Cmd::Throughput);
     if needs_work {
