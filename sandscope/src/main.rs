@@ -127,13 +127,17 @@ struct AgentArgs {
     kernel: Option<PathBuf>,
     /// Serve SSH into live sandboxes on this address (default 127.0.0.1:2222 when given
     /// without a value; overrides `[ssh] listen`). Public keys only, from
-    /// --authorized-keys.
+    /// --ssh-authorized-keys.
     #[arg(long, num_args = 0..=1, default_missing_value = host_agent::config::DEFAULT_SSH)]
     ssh: Option<SocketAddr>,
     /// OpenSSH authorized_keys file for the SSH endpoint (default ~/.ssh/authorized_keys;
     /// re-read at every login).
+    #[arg(long, alias = "authorized-keys")]
+    ssh_authorized_keys: Option<PathBuf>,
+    /// SSH host key file (created on first start; default
+    /// /var/lib/sandscope/ssh_host_ed25519_key for root, else under ~/.local/share).
     #[arg(long)]
-    authorized_keys: Option<PathBuf>,
+    ssh_host_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -260,15 +264,18 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
     if a.kernel.is_some() {
         cfg.vm.kernel = a.kernel;
     }
-    if a.ssh.is_some() || a.authorized_keys.is_some() {
+    if a.ssh.is_some() || a.ssh_authorized_keys.is_some() || a.ssh_host_key.is_some() {
         let s = cfg
             .ssh
             .get_or_insert_with(host_agent::config::SshConfig::with_defaults);
         if let Some(l) = a.ssh {
             s.listen = l;
         }
-        if let Some(k) = a.authorized_keys {
+        if let Some(k) = a.ssh_authorized_keys {
             s.authorized_keys = k;
+        }
+        if let Some(k) = a.ssh_host_key {
+            s.host_key = k;
         }
     }
     let addr = cfg.http;

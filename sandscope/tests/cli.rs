@@ -225,6 +225,124 @@ fn agent_serves_invoke_stats_and_sandboxes_subcommands() {
         s.contains("hello-") && s.contains("echo-") && s.contains("Host packing"),
         "{s}"
     );
+    // No --ssh: `sandscope ssh` says how to turn it on.
+    let out = bin()
+        .args(["ssh", "--agent", &url, "hello", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SSH endpoint is off") && err.contains("--ssh"),
+        "{err}"
+    );
+    drop(agent);
+}
+
+/// `sandscope agent` on free ports; returns it once its banner is complete.
+fn spawn_agent(extra: &[&str], state: &std::path::Path) -> (AgentProc, String, String) {
+    let port = free_port();
+    let mut child = bin()
+        .args([
+            "agent",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+        ])
+        .arg(state)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let agent = AgentProc(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let mut banner = String::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        banner.push_str(&l);
+        banner.push('\n');
+        if l.contains("listening on") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (agent, format!("http://127.0.0.1:{port}"), banner)
+}
+
+#[test]
+fn sandscope_ssh_runs_a_command_in_a_live_sandbox_and_sessions_lists_it() {
+    if !root() {
+        return;
+    }
+    if Command::new("ssh").arg("-V").output().is_err() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI installs openssh-client"
+        );
+        eprintln!("SKIPPED: needs the OpenSSH client");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id");
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    let ssh_port = free_port();
+    let (agent, url, banner) = spawn_agent(
+        &[
+            "--ssh",
+            &format!("127.0.0.1:{ssh_port}"),
+            "--ssh-authorized-keys",
+            &format!("{}.pub", key.display()),
+            "--ssh-host-key",
+            &format!("{}", dir.path().join("host_key").display()),
+        ],
+        &dir.path().join("state"),
+    );
+    assert!(
+        banner.contains(&format!("ssh: 127.0.0.1:{ssh_port}")),
+        "{banner}"
+    );
+    let out = bin()
+        .args(["ssh", "--agent", &url, "-i"])
+        .arg(&key)
+        .args(["hello", "hostname; echo oops >&2; exit 9"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(9), "{stdout}{stderr}");
+    assert!(stdout.starts_with("hello-"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("attached to sandbox {}", stdout.trim()))
+            && stderr.contains("oops"),
+        "{stderr}"
+    );
+    let out = bin().args(["sessions", "--agent", &url]).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("Recently ended: 1") && s.contains("exit 9"),
+        "{s}"
+    );
+    let out = bin()
+        .args(["ssh", "--agent", &url, "--print", "hello"])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.starts_with("ssh -p ")
+            && s.contains("StrictHostKeyChecking=yes")
+            && s.contains("hello@127.0.0.1"),
+        "{s}"
+    );
     drop(agent);
 }
 
