@@ -30,6 +30,9 @@ pub enum StartError {
     /// The alert rules file is invalid.
     #[error("alert rules")]
     Rules(#[from] crate::alerts::RulesError),
+    /// The OTLP exporter could not start.
+    #[error("OTLP export")]
+    Otlp(#[from] exporters::otlp::OtlpError),
 }
 
 /// Why an invocation did not reach the function.
@@ -173,11 +176,36 @@ impl Agent {
             .as_ref()
             .map(|t| JsonlSink::open(t, 8192))
             .transpose()?;
-        let (m2, j2) = (metrics.clone(), jsonl.clone());
+        let host_id = {
+            let m = crate::procfs::machine_id();
+            if m.is_empty() {
+                crate::procfs::hostname()
+            } else {
+                m
+            }
+        };
+        let otlp_logs = match &cfg.otlp {
+            Some(o) => {
+                let mut o = o.clone();
+                o.resource = vec![
+                    ("service.name".into(), "sandscope-agent".into()),
+                    ("service.version".into(), env!("CARGO_PKG_VERSION").into()),
+                    ("host.id".into(), host_id.clone()),
+                    ("host.name".into(), crate::procfs::hostname()),
+                    ("sandscope.driver".into(), driver.name().into()),
+                ];
+                Some(exporters::otlp::LogsExporter::start(o)?)
+            }
+            None => None,
+        };
+        let (m2, j2, o2) = (metrics.clone(), jsonl.clone(), otlp_logs.clone());
         let snapshots = Aggregator::new(recorder.clone(), names).spawn(Arc::new(move || {
             let mut d = vec![("log_lines", m2.log_lines_lost.load(Ordering::Relaxed))];
             if let Some(j) = &j2 {
                 d.push(("jsonl", j.dropped()));
+            }
+            if let Some(o) = &o2 {
+                d.push(("otlp_logs", o.dropped()));
             }
             d
         }));
@@ -193,20 +221,15 @@ impl Agent {
             .enumerate()
             .map(|(i, f)| (f.name.clone(), i))
             .collect();
-        let host_id = {
-            let m = crate::procfs::machine_id();
-            if m.is_empty() {
-                crate::procfs::hostname()
-            } else {
-                m
-            }
-        };
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             ^ ((std::process::id() as u64) << 32);
         let (logs, _) = broadcast::channel(4096);
+        if let Some(e) = otlp_logs {
+            spawn_otlp_logs(e, logs.subscribe());
+        }
         let alerts = crate::alerts::Engine::start(
             cfg.rules.clone(),
             cfg.rules_file.clone(),
@@ -1099,6 +1122,56 @@ impl Agent {
             self.destroy(&sb, "agent shutting down").await;
         }
     }
+}
+
+/// Forward every line on the log bus (function output, platform events, shell audits)
+/// to the OTLP log exporter. Lines this task falls behind on are counted as dropped.
+fn spawn_otlp_logs(e: exporters::otlp::LogsExporter, mut rx: broadcast::Receiver<LogLine>) {
+    use exporters::otlp::{LogRecordIn, Severity};
+    tokio::spawn(async move {
+        loop {
+            let l = match rx.recv().await {
+                Ok(l) => l,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    e.count_dropped(n);
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            };
+            let severity = match l.stream {
+                "stderr" => Severity::Error,
+                "platform"
+                    if l.line.starts_with("Task timed out")
+                        || l.line.starts_with("Runtime.OutOfMemory") =>
+                {
+                    Severity::Error
+                }
+                _ => Severity::Info,
+            };
+            let mut attributes = vec![
+                ("faas.name", l.function.to_string()),
+                ("faas.instance", l.sandbox.to_string()),
+                ("sandscope.log.stream", l.stream.to_string()),
+            ];
+            if matches!(l.stream, "stdout" | "stderr") {
+                attributes.push(("log.iostream", l.stream.to_string()));
+            }
+            if !l.invoke_id.is_empty() {
+                attributes.push(("faas.invocation_id", l.invoke_id));
+            }
+            if l.truncated {
+                attributes.push(("sandscope.log.truncated", "true".into()));
+            }
+            e.send(LogRecordIn {
+                time_unix_nano: l.ts_ms.saturating_mul(1_000_000),
+                severity,
+                body: l.line,
+                attributes,
+                trace_id: None,
+                span_id: None,
+            });
+        }
+    });
 }
 
 /// The audit record of a shell session, as a platform line on the log bus (alert rules,

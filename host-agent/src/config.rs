@@ -54,6 +54,25 @@ pub struct RawConfig {
     pub rules: Vec<crate::alerts::rules::RawRule>,
     /// `[ssh]` table: present = the SSH endpoint is on.
     pub ssh: Option<RawSsh>,
+    /// `[otlp]` table: present = export over OTLP.
+    pub otlp: Option<RawOtlp>,
+}
+
+/// Raw `[otlp]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOtlp {
+    /// Base URL (`/v1/logs` is appended), e.g. `http://127.0.0.1:4318`.
+    pub endpoint: Option<String>,
+    /// `http` (HTTP/protobuf; the only one so far).
+    pub protocol: Option<String>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Request timeout, seconds (default 10).
+    pub timeout_s: Option<f64>,
+    /// Longest a record waits for its batch, seconds (default 1).
+    pub interval_s: Option<f64>,
 }
 
 /// Raw `[ssh]`.
@@ -260,6 +279,48 @@ pub struct AgentConfig {
     pub vm: VmConfig,
     /// The SSH endpoint, if on.
     pub ssh: Option<SshConfig>,
+    /// OTLP export, if on (logs: function lines and platform events).
+    pub otlp: Option<exporters::otlp::OtlpConfig>,
+}
+
+/// Validate `[otlp]` (also used for `--otlp-endpoint`).
+pub fn otlp_config(raw: RawOtlp) -> Result<exporters::otlp::OtlpConfig, (String, String)> {
+    match raw.protocol.as_deref() {
+        None | Some("http") | Some("http/protobuf") => {}
+        Some("grpc") => {
+            return Err((
+                "otlp.protocol".into(),
+                "OTLP/gRPC export is not built yet; use `http` (HTTP/protobuf, port 4318)".into(),
+            ))
+        }
+        Some(o) => {
+            return Err((
+                "otlp.protocol".into(),
+                format!("unknown protocol `{o}` (http)"),
+            ))
+        }
+    }
+    let endpoint = raw.endpoint.ok_or_else(|| {
+        (
+            "otlp.endpoint".to_string(),
+            "missing (e.g. http://127.0.0.1:4318)".to_string(),
+        )
+    })?;
+    let mut c = exporters::otlp::OtlpConfig::new(&endpoint);
+    c.headers = raw.headers.into_iter().collect();
+    c.timeout =
+        secs(raw.timeout_s, 10.0, 0.1, 300.0).map_err(|r| ("otlp.timeout_s".to_string(), r))?;
+    c.interval =
+        secs(raw.interval_s, 1.0, 0.01, 60.0).map_err(|r| ("otlp.interval_s".to_string(), r))?;
+    c.validate().map_err(|e| {
+        let key = if matches!(e, exporters::otlp::OtlpError::Header(_)) {
+            "otlp.headers"
+        } else {
+            "otlp.endpoint"
+        };
+        (key.to_string(), e.to_string())
+    })?;
+    Ok(c)
 }
 
 /// The SSH endpoint into live sandboxes.
@@ -551,7 +612,13 @@ impl AgentConfig {
             .map(|r| SshConfig::validate(r, base))
             .transpose()
             .map_err(|(k, r)| invalid(k, r))?;
+        let otlp = raw
+            .otlp
+            .map(otlp_config)
+            .transpose()
+            .map_err(|(k, r)| invalid(k, r))?;
         Ok(AgentConfig {
+            otlp,
             ssh,
             vm,
             rules,
@@ -603,6 +670,40 @@ mod tests {
 
     fn parse(t: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::parse(t, "test.toml", Path::new("/"))
+    }
+
+    #[test]
+    fn otlp_table_is_validated() {
+        assert!(parse("").unwrap().otlp.is_none());
+        let c =
+            parse("[otlp]\nendpoint = \"http://127.0.0.1:4318\"\nheaders = { api-key = \"k\" }\n")
+                .unwrap()
+                .otlp
+                .unwrap();
+        assert_eq!(c.endpoint, "http://127.0.0.1:4318");
+        assert_eq!(c.headers, vec![("api-key".to_string(), "k".to_string())]);
+        for (t, want) in [
+            ("[otlp]\n", "otlp.endpoint: missing"),
+            (
+                "[otlp]\nendpoint = \"localhost:4318\"\n",
+                "must start with http://",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\nprotocol = \"grpc\"\n",
+                "not built yet",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\nprotocol = \"udp\"\n",
+                "unknown protocol `udp`",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\nheaders = { \"a b\" = \"x\" }\n",
+                "otlp.headers",
+            ),
+        ] {
+            let e = parse(t).unwrap_err().to_string();
+            assert!(e.contains(want), "{t}: {e}");
+        }
     }
 
     #[test]

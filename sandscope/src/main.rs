@@ -134,6 +134,14 @@ struct AgentArgs {
     /// re-read at every login).
     #[arg(long, alias = "authorized-keys")]
     ssh_authorized_keys: Option<PathBuf>,
+    /// Export function logs, platform events and shell audits as OTLP log records to this
+    /// collector (HTTP/protobuf base URL, e.g. http://127.0.0.1:4318; overrides
+    /// `[otlp] endpoint`).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// OTLP protocol: `http` (HTTP/protobuf). gRPC is not built yet.
+    #[arg(long)]
+    otlp_protocol: Option<String>,
     /// SSH host key file (created on first start; default
     /// /var/lib/sandscope/ssh_host_ed25519_key for root, else under ~/.local/share).
     #[arg(long)]
@@ -278,6 +286,26 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
             s.host_key = k;
         }
     }
+    if a.otlp_endpoint.is_some() || a.otlp_protocol.is_some() {
+        let endpoint = a
+            .otlp_endpoint
+            .or_else(|| cfg.otlp.as_ref().map(|o| o.endpoint.clone()));
+        let headers = cfg
+            .otlp
+            .as_ref()
+            .map(|o| o.headers.iter().cloned().collect())
+            .unwrap_or_default();
+        let raw = host_agent::config::RawOtlp {
+            endpoint,
+            protocol: a.otlp_protocol,
+            headers,
+            ..Default::default()
+        };
+        cfg.otlp = Some(
+            host_agent::config::otlp_config(raw)
+                .map_err(|(k, r)| anyhow::anyhow!("--{}: {r}", k.replace("otlp.", "otlp-")))?,
+        );
+    }
     let addr = cfg.http;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -300,6 +328,12 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
         .map_or(0, Vec::len);
     if n_rules > 0 {
         eprintln!("  alert rules: {n_rules} (reload: SIGHUP or POST /v1/rules/reload)");
+    }
+    if let Some(o) = &agent.config().otlp {
+        eprintln!(
+            "  otlp: logs to {}/v1/logs (HTTP/protobuf)",
+            o.endpoint.trim_end_matches('/')
+        );
     }
     if let Some(s) = agent.config().ssh.clone() {
         let info = host_agent::ssh::start(agent.clone(), &s).await?;
