@@ -1188,10 +1188,7 @@ fn audit_session(logs: &broadcast::Sender<LogLine>, v: &crate::shell::SessionVie
         v.pty,
         v.who,
         v.peer,
-        serde_json::to_value(v.picked)
-            .ok()
-            .and_then(|x| x.as_str().map(String::from))
-            .unwrap_or_default(),
+        v.picked.as_str(),
         v.duration_s * 1000.0,
         end.code,
         end.signal,

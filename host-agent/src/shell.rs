@@ -85,6 +85,17 @@ pub enum Picked {
     Started,
 }
 
+impl Picked {
+    /// The name used in the API and the audit line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Picked::Named => "named",
+            Picked::Live => "live",
+            Picked::Started => "started",
+        }
+    }
+}
+
 /// How a session ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SessionEnd {

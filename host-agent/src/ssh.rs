@@ -479,21 +479,21 @@ const SIGNALS: &[(&str, i32)] = &[
     ("USR2", libc::SIGUSR2),
 ];
 
-fn sig_name(s: &Sig) -> String {
+fn sig_name(s: &Sig) -> &str {
     match s {
-        Sig::ABRT => "ABRT".into(),
-        Sig::ALRM => "ALRM".into(),
-        Sig::FPE => "FPE".into(),
-        Sig::HUP => "HUP".into(),
-        Sig::ILL => "ILL".into(),
-        Sig::INT => "INT".into(),
-        Sig::KILL => "KILL".into(),
-        Sig::PIPE => "PIPE".into(),
-        Sig::QUIT => "QUIT".into(),
-        Sig::SEGV => "SEGV".into(),
-        Sig::TERM => "TERM".into(),
-        Sig::USR1 => "USR1".into(),
-        Sig::Custom(c) => c.clone(),
+        Sig::ABRT => "ABRT",
+        Sig::ALRM => "ALRM",
+        Sig::FPE => "FPE",
+        Sig::HUP => "HUP",
+        Sig::ILL => "ILL",
+        Sig::INT => "INT",
+        Sig::KILL => "KILL",
+        Sig::PIPE => "PIPE",
+        Sig::QUIT => "QUIT",
+        Sig::SEGV => "SEGV",
+        Sig::TERM => "TERM",
+        Sig::USR1 => "USR1",
+        Sig::Custom(c) => c,
     }
 }
 
@@ -503,22 +503,11 @@ fn sig_number(s: &Sig) -> Option<i32> {
     SIGNALS.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
-/// Signal number → SSH signal.
+/// Signal number → SSH signal. On the wire a signal is its name, so `Custom` carries
+/// the standard names as well as any other.
 fn sig_of(n: i32) -> Sig {
-    match SIGNALS.iter().find(|(_, v)| *v == n).map(|(n, _)| *n) {
-        Some("ABRT") => Sig::ABRT,
-        Some("ALRM") => Sig::ALRM,
-        Some("FPE") => Sig::FPE,
-        Some("HUP") => Sig::HUP,
-        Some("ILL") => Sig::ILL,
-        Some("INT") => Sig::INT,
-        Some("KILL") => Sig::KILL,
-        Some("PIPE") => Sig::PIPE,
-        Some("QUIT") => Sig::QUIT,
-        Some("SEGV") => Sig::SEGV,
-        Some("TERM") => Sig::TERM,
-        Some("USR1") => Sig::USR1,
-        Some(other) => Sig::Custom(other.to_string()),
+    match SIGNALS.iter().find(|(_, v)| *v == n) {
+        Some((name, _)) => Sig::Custom(name.to_string()),
         None => Sig::Custom(format!("SIG{n}")),
     }
 }
@@ -633,7 +622,8 @@ mod tests {
         assert_eq!(sig_number(&Sig::INT), Some(libc::SIGINT));
         assert_eq!(sig_number(&Sig::Custom("USR2".into())), Some(libc::SIGUSR2));
         assert_eq!(sig_number(&Sig::Custom("WINCH".into())), None);
-        assert!(matches!(sig_of(libc::SIGKILL), Sig::KILL));
+        assert_eq!(sig_name(&sig_of(libc::SIGKILL)), "KILL");
+        assert_eq!(sig_number(&sig_of(libc::SIGINT)), Some(libc::SIGINT));
         assert!(matches!(sig_of(libc::SIGUSR2), Sig::Custom(ref s) if s == "USR2"));
         assert!(matches!(sig_of(40), Sig::Custom(ref s) if s == "SIG40"));
     }

@@ -132,34 +132,9 @@ fn agent_serves_invoke_stats_and_sandboxes_subcommands() {
         return;
     }
     let state = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut child = bin()
-        .args([
-            "agent",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--state-dir",
-        ])
-        .arg(state.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let agent = AgentProc(child);
-    let mut lines = BufReader::new(stderr).lines();
-    let mut banner = String::new();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        banner.push_str(&l);
-        banner.push('\n');
-        if l.contains("listening on") {
-            break;
-        }
-    }
+    let (agent, url, banner) = spawn_agent(&[], state.path());
     assert!(banner.contains("driver process"), "{banner}");
     assert!(banner.contains("function hello"), "{banner}");
-    std::thread::spawn(move || for _ in lines {});
 
     let out = bin()
         .args([
