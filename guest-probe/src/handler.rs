@@ -102,8 +102,10 @@ struct Spawned {
 }
 
 impl HandlerCtx {
-    fn spawn(&self) -> Result<Spawned, HandlerError> {
+    /// Spawn the handler with its three pipes and `env` added.
+    fn spawn(&self, env: &[(&str, &str)]) -> Result<Spawned, HandlerError> {
         let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -316,7 +318,14 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 pub async fn run_exec(ctx: HandlerCtx, inv: Invoke) -> InvokeResult {
     let start = Instant::now();
     let id = inv.invoke_id.clone();
-    let sp = match ctx.spawn() {
+    // The invocation's W3C trace context (OpenTelemetry's environment carrier), so the
+    // handler's own spans can join the agent's invocation span.
+    let trace: Vec<(&str, &str)> = if inv.traceparent.is_empty() {
+        Vec::new()
+    } else {
+        vec![("TRACEPARENT", inv.traceparent.as_str())]
+    };
+    let sp = match ctx.spawn(&trace) {
         Ok(s) => s,
         Err(e) => return runtime_error(&id, "Runtime.SpawnError", crate::error_chain(&e)),
     };
@@ -643,7 +652,7 @@ impl Persistent {
     /// Spawn the runtime and wait (at most `init_timeout`) for its `ready` line.
     /// Errors are the reason to put in `Ready.error`.
     pub async fn start(ctx: HandlerCtx, init_timeout: Duration) -> Result<Persistent, String> {
-        let sp = ctx.spawn().map_err(|e| crate::error_chain(&e))?;
+        let sp = ctx.spawn(&[]).map_err(|e| crate::error_chain(&e))?;
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
         let last = Arc::new(Mutex::new(VecDeque::new()));
         tokio::spawn(stderr_task(

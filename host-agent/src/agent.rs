@@ -11,9 +11,10 @@ use crate::recorder::{
 };
 use crate::util::us;
 use exporters::jsonl::{EventStatus, InvokeRecord, JsonlSink};
+use exporters::otlp::traces::TraceContext;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
@@ -134,6 +135,9 @@ pub struct Agent {
     host_id: String,
     ids: AtomicU64,
     jsonl: Option<JsonlSink>,
+    otlp: Option<crate::telemetry::Otlp>,
+    serials: AtomicU32,
+    started_unix_nano: u64,
     alerts: Arc<crate::alerts::Engine>,
     sessions: Arc<crate::shell::Sessions>,
     ssh: std::sync::OnceLock<crate::ssh::SshInfo>,
@@ -184,31 +188,34 @@ impl Agent {
                 m
             }
         };
-        let otlp_logs = match &cfg.otlp {
-            Some(o) => {
-                let mut o = o.clone();
-                o.resource = vec![
+        let otlp = match &cfg.otlp {
+            Some(o) => Some(crate::telemetry::Otlp::start(
+                o,
+                &[
                     ("service.name".into(), "sandscope-agent".into()),
                     ("service.version".into(), env!("CARGO_PKG_VERSION").into()),
                     ("host.id".into(), host_id.clone()),
                     ("host.name".into(), crate::procfs::hostname()),
+                    ("host.arch".into(), std::env::consts::ARCH.into()),
+                    ("host.cpu.model.name".into(), crate::procfs::cpu_model()),
                     ("sandscope.driver".into(), driver.name().into()),
-                ];
-                Some(exporters::otlp::LogsExporter::start(o)?)
-            }
+                ],
+            )?),
             None => None,
         };
-        let (m2, j2, o2) = (metrics.clone(), jsonl.clone(), otlp_logs.clone());
-        let snapshots = Aggregator::new(recorder.clone(), names).spawn(Arc::new(move || {
-            let mut d = vec![("log_lines", m2.log_lines_lost.load(Ordering::Relaxed))];
-            if let Some(j) = &j2 {
-                d.push(("jsonl", j.dropped()));
-            }
-            if let Some(o) = &o2 {
-                d.push(("otlp_logs", o.dropped()));
-            }
-            d
-        }));
+        let per_sandbox = otlp.as_ref().is_some_and(|o| o.metrics.is_some());
+        let (m2, j2, o2) = (metrics.clone(), jsonl.clone(), otlp.clone());
+        let snapshots =
+            Aggregator::new(recorder.clone(), names, per_sandbox).spawn(Arc::new(move || {
+                let mut d = vec![("log_lines", m2.log_lines_lost.load(Ordering::Relaxed))];
+                if let Some(j) = &j2 {
+                    d.push(("jsonl", j.dropped()));
+                }
+                if let Some(o) = &o2 {
+                    d.extend(o.dropped());
+                }
+                d
+            }));
         let pools: Vec<Arc<Pool>> = cfg
             .functions
             .iter()
@@ -227,8 +234,8 @@ impl Agent {
             .unwrap_or(1)
             ^ ((std::process::id() as u64) << 32);
         let (logs, _) = broadcast::channel(4096);
-        if let Some(e) = otlp_logs {
-            spawn_otlp_logs(e, logs.subscribe());
+        if let Some(e) = otlp.as_ref().and_then(|o| o.logs.clone()) {
+            crate::telemetry::spawn_logs(e, logs.subscribe());
         }
         let alerts = crate::alerts::Engine::start(
             cfg.rules.clone(),
@@ -249,11 +256,19 @@ impl Agent {
             host_id,
             ids: AtomicU64::new(seed | 1),
             jsonl,
+            otlp,
+            serials: AtomicU32::new(1),
+            started_unix_nano: crate::telemetry::unix_nanos(),
             alerts,
             sessions: Arc::default(),
             ssh: std::sync::OnceLock::new(),
         });
         agent.clone().spawn_reaper();
+        if let Some(o) = &agent.otlp {
+            if let Some(e) = o.metrics.clone() {
+                crate::telemetry::spawn_metrics(Arc::downgrade(&agent), e, o.metrics_interval);
+            }
+        }
         for p in &agent.pools {
             for _ in 0..p.spec.pool.prewarm {
                 let a = agent.clone();
@@ -439,8 +454,10 @@ impl Agent {
             boot.kernel_us = Some(w.kernel_us);
             boot.probe_init_us = w.probe_init_us;
         }
+        let serial = self.serials.fetch_add(1, Ordering::Relaxed);
         let sb = Arc::new(Sandbox::new(
             spec.id.clone(),
+            serial,
             pool.spec.clone(),
             pool.index,
             self.driver.name(),
@@ -453,6 +470,11 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(spec.id, sb.clone());
+        if self.metrics_on() {
+            self.snapshots
+                .register(serial, Arc::new(crate::series::SandboxMeta::of(&sb)))
+                .await;
+        }
         Ok(sb)
     }
 
@@ -525,6 +547,9 @@ impl Agent {
         }
         sb.handle.destroy().await;
         self.metrics.sandboxes_ended.fetch_add(1, Ordering::Relaxed);
+        if self.metrics_on() {
+            self.snapshots.ended(sb.serial).await;
+        }
     }
 
     fn spawn_destroy(self: &Arc<Self>, sb: Arc<Sandbox>, reason: &'static str) {
@@ -566,13 +591,11 @@ impl Agent {
         self: &Arc<Self>,
         name: &str,
         payload: Vec<u8>,
-        opts: InvokeOptions,
+        mut opts: InvokeOptions,
     ) -> Result<Invocation, InvokeError> {
         let t0 = Instant::now();
-        let started_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let started_unix_nano = crate::telemetry::unix_nanos();
+        let started_unix_ms = started_unix_nano / 1_000_000;
         let pool = self
             .by_name
             .get(name)
@@ -584,6 +607,22 @@ impl Agent {
                 max: wire::MAX_PAYLOAD,
             });
         }
+        // With trace export on, the invocation gets its own span (a child of the caller's
+        // when a valid `traceparent` came in) and the sandbox is handed that span as parent.
+        let span = self.otlp.as_ref().and_then(|o| o.traces.as_ref()).map(|_| {
+            let incoming = TraceContext::parse(&opts.traceparent);
+            let ctx = TraceContext {
+                trace_id: incoming.map_or_else(|| self.rand16(), |c| c.trace_id),
+                span_id: self.rand8(),
+                flags: incoming.map_or(1, |c| c.flags),
+            };
+            (ctx, incoming.map(|c| c.span_id))
+        });
+        let traceparent = match &span {
+            Some((ctx, _)) => ctx.header(),
+            None => std::mem::take(&mut opts.traceparent),
+        };
+        let trace_ids = TraceContext::parse(&traceparent).map(|c| (c.trace_id, c.span_id));
         let permit = match pool.acquire().await {
             Ok(p) => p,
             Err(e) => {
@@ -601,6 +640,7 @@ impl Agent {
         for sb in dead {
             self.spawn_destroy(sb, "sandbox died while idle");
         }
+        let mut boot_offset_us = 0;
         let sb = match idle {
             Some(sb) => {
                 if let Some(d) = self.thaw_if_frozen(&sb).await {
@@ -608,7 +648,10 @@ impl Agent {
                 }
                 sb
             }
-            None => match self.boot(&pool).await {
+            None => match {
+                boot_offset_us = us(t0.elapsed());
+                self.boot(&pool).await
+            } {
                 Ok(sb) => {
                     sample.cold = true;
                     sample.phases_us[Phase::Spawn as usize] = sb.boot.spawn_us;
@@ -626,6 +669,15 @@ impl Agent {
                     sample.outcome = Outcome::PlatformError;
                     sample.total_us = us(t0.elapsed());
                     self.recorder.record(sample);
+                    self.send_spans(
+                        &span,
+                        &pool.spec.name,
+                        "",
+                        &sample,
+                        (started_unix_nano, boot_offset_us, 0),
+                        Some("Sandbox.StartFailed"),
+                        None,
+                    );
                     drop(permit);
                     return Err(InvokeError::Platform(msg));
                 }
@@ -638,8 +690,18 @@ impl Agent {
                     sample.total_us = us(t0.elapsed());
                     self.recorder.record(sample);
                     drop(permit);
+                    let invoke_id = self.new_invoke_id();
+                    self.send_spans(
+                        &span,
+                        &pool.spec.name,
+                        &invoke_id,
+                        &sample,
+                        (started_unix_nano, boot_offset_us, 0),
+                        Some("Runtime.InitError"),
+                        None,
+                    );
                     return Ok(Invocation {
-                        invoke_id: self.new_invoke_id(),
+                        invoke_id,
                         function: pool.spec.name.clone(),
                         sandbox_id: String::new(),
                         cold: true,
@@ -658,6 +720,7 @@ impl Agent {
             },
         };
         sb.count_invocation();
+        sample.sandbox = sb.serial;
         let invoke_id = self.new_invoke_id();
         let timeout = pool.spec.timeout;
         let want_tail = opts.log_tail;
@@ -669,13 +732,14 @@ impl Agent {
                     invoke_id: invoke_id.clone(),
                     payload,
                     timeout_ms: timeout.as_millis() as u64,
-                    traceparent: opts.traceparent,
+                    traceparent,
                 },
                 // The probe enforces the deadline; this is the backstop if it cannot.
                 timeout + Duration::from_secs(2),
             )
             .await;
         sample.set(Phase::Invoke, t_send.elapsed());
+        let send_offset_us = us(t_send.saturating_duration_since(t0));
         let (status, payload, error_type, error_message, keep) = match res {
             Ok(r) => {
                 sample.max_rss_kib = r.max_rss_kib;
@@ -747,6 +811,15 @@ impl Agent {
         };
         sample.total_us = us(t0.elapsed());
         self.recorder.record(sample);
+        self.send_spans(
+            &span,
+            &pool.spec.name,
+            &invoke_id,
+            &sample,
+            (started_unix_nano, boot_offset_us, send_offset_us),
+            (status != Status::Ok).then_some(error_type.as_str()),
+            Some(&sb),
+        );
         self.emit_platform(
             &pool.spec,
             &sb.id,
@@ -754,6 +827,7 @@ impl Agent {
             status,
             &sample,
             &error_message,
+            trace_ids,
         );
         if let Some(j) = &self.jsonl {
             j.send(InvokeRecord {
@@ -828,10 +902,106 @@ impl Agent {
 
     /// A fresh stats snapshot.
     pub async fn stats(&self) -> StatsSnapshot {
-        self.snapshots
+        let mut s = self
+            .snapshots
             .snapshot()
             .await
-            .expect("aggregator task lives as long as the agent")
+            .expect("aggregator task lives as long as the agent");
+        if let Some(o) = &self.otlp {
+            s.telemetry.spooled.extend(o.spooled());
+        }
+        s
+    }
+
+    fn metrics_on(&self) -> bool {
+        self.otlp.as_ref().is_some_and(|o| o.metrics.is_some())
+    }
+
+    fn rand8(&self) -> [u8; 8] {
+        self.next_rand().to_le_bytes()
+    }
+
+    fn rand16(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.rand8());
+        b[8..].copy_from_slice(&self.rand8());
+        b
+    }
+
+    /// Hand one invocation's spans to the trace exporter (when `span` is set, i.e.
+    /// traces are on). `at` = (start ns since the epoch, sandbox-start offset µs,
+    /// invoke-send offset µs).
+    #[allow(clippy::too_many_arguments)]
+    fn send_spans(
+        &self,
+        span: &Option<(TraceContext, Option<[u8; 8]>)>,
+        function: &str,
+        invoke_id: &str,
+        sample: &Sample,
+        at: (u64, u64, u64),
+        error: Option<&str>,
+        sb: Option<&Sandbox>,
+    ) {
+        let (Some((ctx, parent)), Some(e)) =
+            (span, self.otlp.as_ref().and_then(|o| o.traces.as_ref()))
+        else {
+            return;
+        };
+        let resource = match sb {
+            Some(sb) => crate::series::SandboxMeta::of(sb).resource(),
+            None => vec![("faas.name".into(), function.into())],
+        };
+        let t = crate::telemetry::InvocationTiming {
+            ids: (ctx.trace_id, ctx.span_id),
+            parent: *parent,
+            function,
+            invoke_id,
+            cold: sample.cold,
+            start_unix_nano: at.0,
+            total_us: sample.total_us,
+            phases_us: sample.phases_us,
+            boot_offset_us: at.1,
+            send_offset_us: at.2,
+            error: error.map(str::to_string),
+        };
+        e.send(crate::telemetry::invocation_spans(&t, resource, || {
+            self.rand8()
+        }));
+    }
+
+    /// This moment's figures for the metrics exporter: every sandbox's series and the
+    /// host's.
+    pub async fn metrics_batch(&self) -> exporters::otlp::metrics::MetricsBatch {
+        let mut resources = self.snapshots.series().await;
+        let mut dropped = vec![
+            ("samples", self.recorder.dropped()),
+            (
+                "log_lines",
+                self.metrics.log_lines_lost.load(Ordering::Relaxed),
+            ),
+        ];
+        if let Some(j) = &self.jsonl {
+            dropped.push(("jsonl", j.dropped()));
+        }
+        if let Some(o) = &self.otlp {
+            dropped.extend(o.dropped());
+        }
+        resources.push(crate::telemetry::host_resource(
+            &self.functions_view(),
+            &self.sandboxes_view().hosts,
+            &dropped,
+            self.alerts.firing(),
+        ));
+        exporters::otlp::metrics::MetricsBatch {
+            start_unix_nano: self.started_unix_nano,
+            time_unix_nano: crate::telemetry::unix_nanos(),
+            resources,
+        }
+    }
+
+    /// The OTLP exporters, if export is on.
+    pub fn otlp(&self) -> Option<&crate::telemetry::Otlp> {
+        self.otlp.as_ref()
     }
 
     /// Functions and their pool state.
@@ -959,6 +1129,7 @@ impl Agent {
         status: Status,
         sample: &Sample,
         error_message: &str,
+        trace: Option<crate::link::TraceIds>,
     ) {
         if self.logs.receiver_count() == 0 {
             return;
@@ -978,6 +1149,7 @@ impl Agent {
                 line,
                 ts_ms,
                 truncated: false,
+                trace,
             });
         };
         let init_ms = sample.init_us().map(|v| v as f64 / 1000.0);
@@ -1121,57 +1293,14 @@ impl Agent {
         for sb in self.live_sandboxes() {
             self.destroy(&sb, "agent shutting down").await;
         }
-    }
-}
-
-/// Forward every line on the log bus (function output, platform events, shell audits)
-/// to the OTLP log exporter. Lines this task falls behind on are counted as dropped.
-fn spawn_otlp_logs(e: exporters::otlp::LogsExporter, mut rx: broadcast::Receiver<LogLine>) {
-    use exporters::otlp::{LogRecordIn, Severity};
-    tokio::spawn(async move {
-        loop {
-            let l = match rx.recv().await {
-                Ok(l) => l,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    e.count_dropped(n);
-                    continue;
-                }
-                Err(broadcast::error::RecvError::Closed) => break,
-            };
-            let severity = match l.stream {
-                "stderr" => Severity::Error,
-                "platform"
-                    if l.line.starts_with("Task timed out")
-                        || l.line.starts_with("Runtime.OutOfMemory") =>
-                {
-                    Severity::Error
-                }
-                _ => Severity::Info,
-            };
-            let mut attributes = vec![
-                ("faas.name", l.function.to_string()),
-                ("faas.instance", l.sandbox.to_string()),
-                ("sandscope.log.stream", l.stream.to_string()),
-            ];
-            if matches!(l.stream, "stdout" | "stderr") {
-                attributes.push(("log.iostream", l.stream.to_string()));
+        if let Some(o) = &self.otlp {
+            // The last figures, then whatever is queued: to the backend, else the spool.
+            if let Some(m) = &o.metrics {
+                m.send(self.metrics_batch().await);
             }
-            if !l.invoke_id.is_empty() {
-                attributes.push(("faas.invocation_id", l.invoke_id));
-            }
-            if l.truncated {
-                attributes.push(("sandscope.log.truncated", "true".into()));
-            }
-            e.send(LogRecordIn {
-                time_unix_nano: l.ts_ms.saturating_mul(1_000_000),
-                severity,
-                body: l.line,
-                attributes,
-                trace_id: None,
-                span_id: None,
-            });
+            o.flush(Duration::from_secs(2)).await;
         }
-    });
+    }
 }
 
 /// The audit record of a shell session, as a platform line on the log bus (alert rules,
@@ -1211,6 +1340,7 @@ fn audit_session(logs: &broadcast::Sender<LogLine>, v: &crate::shell::SessionVie
         line,
         ts_ms: v.started_unix_ms + (v.duration_s * 1000.0) as u64,
         truncated: false,
+        trace: None,
     });
 }
 

@@ -59,20 +59,53 @@ pub struct RawConfig {
 }
 
 /// Raw `[otlp]`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOtlp {
-    /// Base URL (`/v1/logs` is appended), e.g. `http://127.0.0.1:4318`.
+    /// `newrelic` or `grafana`: endpoint, auth header, compression and temporality that
+    /// backend wants (explicit keys still win).
+    pub preset: Option<String>,
+    /// Base URL (`/v1/logs`, `/v1/traces`, `/v1/metrics` are appended for HTTP), e.g.
+    /// `http://127.0.0.1:4318`; for gRPC `http://127.0.0.1:4317`.
     pub endpoint: Option<String>,
-    /// `http` (HTTP/protobuf; the only one so far).
+    /// `http` (HTTP/protobuf, default) or `grpc`.
     pub protocol: Option<String>,
-    /// Extra request headers.
+    /// Extra request headers (gRPC metadata).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// `gzip` or `none` (default; presets turn gzip on).
+    pub compression: Option<String>,
     /// Request timeout, seconds (default 10).
     pub timeout_s: Option<f64>,
-    /// Longest a record waits for its batch, seconds (default 1).
+    /// Longest a log record or span waits for its batch, seconds (default 1).
     pub interval_s: Option<f64>,
+    /// Metrics export interval, seconds (default 10).
+    pub metrics_interval_s: Option<f64>,
+    /// `cumulative` (default) or `delta` for counters and histograms.
+    pub temporality: Option<String>,
+    /// Keep batches the backend could not take in this directory (one subdirectory per
+    /// signal) and send them when it is back, also after an agent restart.
+    pub spool_dir: Option<PathBuf>,
+    /// Spool size bound, MiB per signal (default 64); the oldest batches go first.
+    pub spool_max_mb: Option<u64>,
+    /// `[otlp.logs]`: per-signal overrides.
+    pub logs: Option<RawOtlpSignal>,
+    /// `[otlp.traces]`.
+    pub traces: Option<RawOtlpSignal>,
+    /// `[otlp.metrics]`.
+    pub metrics: Option<RawOtlpSignal>,
+}
+
+/// Raw `[otlp.logs]` / `[otlp.traces]` / `[otlp.metrics]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOtlpSignal {
+    /// Export this signal (default true).
+    pub enabled: Option<bool>,
+    /// Endpoint for this signal only (a VictoriaMetrics `.../opentelemetry` for metrics, say).
+    pub endpoint: Option<String>,
+    /// Protocol for this signal only.
+    pub protocol: Option<String>,
 }
 
 /// Raw `[ssh]`.
@@ -279,48 +312,260 @@ pub struct AgentConfig {
     pub vm: VmConfig,
     /// The SSH endpoint, if on.
     pub ssh: Option<SshConfig>,
-    /// OTLP export, if on (logs: function lines and platform events).
-    pub otlp: Option<exporters::otlp::OtlpConfig>,
+    /// OTLP export, if on.
+    pub otlp: Option<OtlpSettings>,
 }
 
-/// Validate `[otlp]` (also used for `--otlp-endpoint`).
-pub fn otlp_config(raw: RawOtlp) -> Result<exporters::otlp::OtlpConfig, (String, String)> {
-    match raw.protocol.as_deref() {
-        None | Some("http") | Some("http/protobuf") => {}
-        Some("grpc") => {
-            return Err((
-                "otlp.protocol".into(),
-                "OTLP/gRPC export is not built yet; use `http` (HTTP/protobuf, port 4318)".into(),
-            ))
+/// OTLP export as configured: one exporter config per enabled signal.
+#[derive(Debug, Clone)]
+pub struct OtlpSettings {
+    /// Function logs, platform events, shell audits.
+    pub logs: Option<exporters::otlp::OtlpConfig>,
+    /// Invocation spans.
+    pub traces: Option<exporters::otlp::OtlpConfig>,
+    /// Metrics.
+    pub metrics: Option<exporters::otlp::OtlpConfig>,
+    /// Metrics export interval.
+    pub metrics_interval: Duration,
+    /// The preset in force.
+    pub preset: Option<&'static str>,
+    /// What it was made from (command-line flags are applied to this and validated again).
+    pub raw: RawOtlp,
+}
+
+impl OtlpSettings {
+    /// `(signal, endpoint URL, protocol)` of each enabled signal, for banners.
+    pub fn describe(&self) -> Vec<(&'static str, String, &'static str)> {
+        use exporters::otlp::{Protocol, Signal};
+        [
+            (Signal::Logs, &self.logs),
+            (Signal::Traces, &self.traces),
+            (Signal::Metrics, &self.metrics),
+        ]
+        .into_iter()
+        .filter_map(|(s, c)| {
+            c.as_ref().map(|c| {
+                let p = match c.protocol {
+                    Protocol::Http => "HTTP/protobuf",
+                    Protocol::Grpc => "gRPC",
+                };
+                (s.name(), c.url(s), p)
+            })
+        })
+        .collect()
+    }
+}
+
+/// New Relic's US OTLP endpoint (EU accounts: `https://otlp.eu01.nr-data.net`).
+pub const NEWRELIC_ENDPOINT: &str = "https://otlp.nr-data.net";
+/// Environment variable the `newrelic` preset reads the license (ingest) key from.
+pub const NEWRELIC_KEY_ENV: &str = "NEW_RELIC_LICENSE_KEY";
+/// New Relic's limit on attribute value length (bytes).
+pub const NEWRELIC_MAX_ATTR_VALUE: usize = 4095;
+/// Environment variables the `grafana` preset builds basic auth from.
+pub const GRAFANA_USER_ENV: &str = "GRAFANA_OTLP_USER";
+/// See [`GRAFANA_USER_ENV`].
+pub const GRAFANA_TOKEN_ENV: &str = "GRAFANA_OTLP_TOKEN";
+
+fn protocol(v: Option<&str>, key: &str) -> Result<exporters::otlp::Protocol, (String, String)> {
+    use exporters::otlp::Protocol;
+    match v {
+        None | Some("http") | Some("http/protobuf") => Ok(Protocol::Http),
+        Some("grpc") => Ok(Protocol::Grpc),
+        Some(o) => Err((
+            key.to_string(),
+            format!("unknown protocol `{o}` (http or grpc)"),
+        )),
+    }
+}
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for c in input.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Validate `[otlp]` (also used for the `--otlp-*` flags). `env` looks up environment
+/// variables (the presets' keys).
+pub fn otlp_settings(
+    raw: RawOtlp,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<OtlpSettings, (String, String)> {
+    use exporters::otlp::{Compression, OtlpConfig, SpoolConfig, Temporality};
+    let orig = raw.clone();
+    let mut headers: Vec<(String, String)> = raw.headers.into_iter().collect();
+    let has_header =
+        |h: &[(String, String)], k: &str| h.iter().any(|(n, _)| n.eq_ignore_ascii_case(k));
+    let mut endpoint = raw.endpoint;
+    let mut compression = Compression::None;
+    let mut temporality = Temporality::Cumulative;
+    let mut max_attr_value_len = None;
+    let preset = match raw.preset.as_deref() {
+        None => None,
+        Some("newrelic") => {
+            endpoint.get_or_insert_with(|| NEWRELIC_ENDPOINT.to_string());
+            if !has_header(&headers, "api-key") {
+                let key = env(NEWRELIC_KEY_ENV).filter(|k| !k.trim().is_empty()).ok_or_else(|| {
+                    (
+                        "otlp.preset".to_string(),
+                        format!(
+                            "preset `newrelic` needs your New Relic license key: set {NEWRELIC_KEY_ENV} \
+                             (or [otlp] headers = {{ api-key = \"...\" }})"
+                        ),
+                    )
+                })?;
+                headers.push(("api-key".into(), key.trim().to_string()));
+            }
+            compression = Compression::Gzip;
+            temporality = Temporality::Delta;
+            max_attr_value_len = Some(NEWRELIC_MAX_ATTR_VALUE);
+            Some("newrelic")
+        }
+        Some("grafana") => {
+            // Grafana Alloy / an OpenTelemetry Collector on this host by default; a Grafana
+            // Cloud OTLP gateway (https://otlp-gateway-<zone>.grafana.net/otlp) when set.
+            endpoint.get_or_insert_with(|| "http://127.0.0.1:4318".to_string());
+            if !has_header(&headers, "authorization") {
+                match (env(GRAFANA_USER_ENV), env(GRAFANA_TOKEN_ENV)) {
+                    (Some(u), Some(t)) => headers.push((
+                        "authorization".into(),
+                        format!("Basic {}", base64(format!("{}:{}", u.trim(), t.trim()).as_bytes())),
+                    )),
+                    (None, None) => {}
+                    _ => {
+                        return Err((
+                            "otlp.preset".into(),
+                            format!(
+                                "preset `grafana`: set both {GRAFANA_USER_ENV} (instance id) and \
+                                 {GRAFANA_TOKEN_ENV} (access policy token) for basic auth, or neither"
+                            ),
+                        ))
+                    }
+                }
+            }
+            compression = Compression::Gzip;
+            Some("grafana")
         }
         Some(o) => {
             return Err((
-                "otlp.protocol".into(),
-                format!("unknown protocol `{o}` (http)"),
+                "otlp.preset".into(),
+                format!("unknown preset `{o}` (newrelic or grafana)"),
+            ))
+        }
+    };
+    match raw.compression.as_deref() {
+        None => {}
+        Some("gzip") => compression = Compression::Gzip,
+        Some("none") => compression = Compression::None,
+        Some(o) => {
+            return Err((
+                "otlp.compression".into(),
+                format!("unknown compression `{o}` (gzip or none)"),
             ))
         }
     }
-    let endpoint = raw.endpoint.ok_or_else(|| {
-        (
-            "otlp.endpoint".to_string(),
-            "missing (e.g. http://127.0.0.1:4318)".to_string(),
-        )
-    })?;
-    let mut c = exporters::otlp::OtlpConfig::new(&endpoint);
-    c.headers = raw.headers.into_iter().collect();
-    c.timeout =
+    match raw.temporality.as_deref() {
+        None => {}
+        Some("cumulative") => temporality = Temporality::Cumulative,
+        Some("delta") => temporality = Temporality::Delta,
+        Some(o) => {
+            return Err((
+                "otlp.temporality".into(),
+                format!("unknown temporality `{o}` (cumulative or delta)"),
+            ))
+        }
+    }
+    let base_protocol = protocol(raw.protocol.as_deref(), "otlp.protocol")?;
+    let timeout =
         secs(raw.timeout_s, 10.0, 0.1, 300.0).map_err(|r| ("otlp.timeout_s".to_string(), r))?;
-    c.interval =
+    let interval =
         secs(raw.interval_s, 1.0, 0.01, 60.0).map_err(|r| ("otlp.interval_s".to_string(), r))?;
-    c.validate().map_err(|e| {
-        let key = if matches!(e, exporters::otlp::OtlpError::Header(_)) {
-            "otlp.headers"
-        } else {
-            "otlp.endpoint"
+    let metrics_interval = secs(raw.metrics_interval_s, 10.0, 0.05, 3600.0)
+        .map_err(|r| ("otlp.metrics_interval_s".to_string(), r))?;
+    let spool_max = match raw.spool_max_mb {
+        Some(0) => return Err(("otlp.spool_max_mb".into(), "must be at least 1".into())),
+        Some(m) => m,
+        None => 64,
+    };
+    let make =
+        |name: &str, sig: Option<RawOtlpSignal>| -> Result<Option<OtlpConfig>, (String, String)> {
+            let sig = sig.unwrap_or_default();
+            if sig.enabled == Some(false) {
+                return Ok(None);
+            }
+            let key = |k: &str| {
+                if sig.endpoint.is_some() && k == "endpoint"
+                    || sig.protocol.is_some() && k == "protocol"
+                {
+                    format!("otlp.{name}.{k}")
+                } else {
+                    format!("otlp.{k}")
+                }
+            };
+            let endpoint = sig
+                .endpoint
+                .clone()
+                .or_else(|| endpoint.clone())
+                .ok_or_else(|| {
+                    (
+                        "otlp.endpoint".to_string(),
+                        "missing (e.g. http://127.0.0.1:4318, or a preset)".to_string(),
+                    )
+                })?;
+            let mut c = OtlpConfig::new(&endpoint);
+            c.protocol = match &sig.protocol {
+                Some(p) => protocol(Some(p), &key("protocol"))?,
+                None => base_protocol,
+            };
+            c.headers = headers.clone();
+            c.timeout = timeout;
+            c.interval = interval;
+            c.compression = compression;
+            c.temporality = temporality;
+            c.max_attr_value_len = max_attr_value_len;
+            c.spool = raw.spool_dir.as_ref().map(|d| SpoolConfig {
+                dir: d.clone(),
+                max_bytes: spool_max.saturating_mul(1 << 20),
+            });
+            c.validate().map_err(|e| {
+                let k = if matches!(e, exporters::otlp::OtlpError::Header(_)) {
+                    "otlp.headers".to_string()
+                } else {
+                    key("endpoint")
+                };
+                (k, e.to_string())
+            })?;
+            Ok(Some(c))
         };
-        (key.to_string(), e.to_string())
-    })?;
-    Ok(c)
+    let logs = make("logs", raw.logs)?;
+    let traces = make("traces", raw.traces)?;
+    let metrics = make("metrics", raw.metrics)?;
+    if logs.is_none() && traces.is_none() && metrics.is_none() {
+        return Err((
+            "otlp".into(),
+            "every signal is disabled; remove the [otlp] table to turn export off".into(),
+        ));
+    }
+    Ok(OtlpSettings {
+        logs,
+        traces,
+        metrics,
+        metrics_interval,
+        preset,
+        raw: orig,
+    })
 }
 
 /// The SSH endpoint into live sandboxes.
@@ -614,7 +859,7 @@ impl AgentConfig {
             .map_err(|(k, r)| invalid(k, r))?;
         let otlp = raw
             .otlp
-            .map(otlp_config)
+            .map(|r| otlp_settings(r, &|k| std::env::var(k).ok()))
             .transpose()
             .map_err(|(k, r)| invalid(k, r))?;
         Ok(AgentConfig {
@@ -680,8 +925,37 @@ mod tests {
                 .unwrap()
                 .otlp
                 .unwrap();
-        assert_eq!(c.endpoint, "http://127.0.0.1:4318");
-        assert_eq!(c.headers, vec![("api-key".to_string(), "k".to_string())]);
+        let logs = c.logs.as_ref().unwrap();
+        assert_eq!(logs.endpoint, "http://127.0.0.1:4318");
+        assert_eq!(logs.headers, vec![("api-key".to_string(), "k".to_string())]);
+        assert!(
+            c.traces.is_some() && c.metrics.is_some(),
+            "all signals by default"
+        );
+        assert_eq!(c.metrics_interval, Duration::from_secs(10));
+        let c = parse(
+            "[otlp]\nendpoint = \"http://127.0.0.1:4317\"\nprotocol = \"grpc\"\ncompression = \"gzip\"\n\
+             spool_dir = \"/var/spool/ss\"\nspool_max_mb = 2\n\
+             [otlp.metrics]\nendpoint = \"http://127.0.0.1:8428/opentelemetry\"\nprotocol = \"http\"\n\
+             [otlp.logs]\nenabled = false\n",
+        )
+        .unwrap()
+        .otlp
+        .unwrap();
+        assert!(c.logs.is_none());
+        let (t, m) = (c.traces.unwrap(), c.metrics.unwrap());
+        assert_eq!(t.protocol, exporters::otlp::Protocol::Grpc);
+        assert_eq!(t.compression, exporters::otlp::Compression::Gzip);
+        assert_eq!(m.protocol, exporters::otlp::Protocol::Http);
+        assert_eq!(
+            m.url(exporters::otlp::Signal::Metrics),
+            "http://127.0.0.1:8428/opentelemetry/v1/metrics"
+        );
+        let spool = m.spool.unwrap();
+        assert_eq!(
+            (spool.dir.to_str(), spool.max_bytes),
+            (Some("/var/spool/ss"), 2 << 20)
+        );
         for (t, want) in [
             ("[otlp]\n", "otlp.endpoint: missing"),
             (
@@ -689,21 +963,107 @@ mod tests {
                 "must start with http://",
             ),
             (
-                "[otlp]\nendpoint = \"http://h:1\"\nprotocol = \"grpc\"\n",
-                "not built yet",
-            ),
-            (
                 "[otlp]\nendpoint = \"http://h:1\"\nprotocol = \"udp\"\n",
-                "unknown protocol `udp`",
+                "otlp.protocol: unknown protocol `udp`",
             ),
             (
                 "[otlp]\nendpoint = \"http://h:1\"\nheaders = { \"a b\" = \"x\" }\n",
                 "otlp.headers",
             ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\npreset = \"datadog\"\n",
+                "otlp.preset: unknown preset `datadog` (newrelic or grafana)",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\ncompression = \"zstd\"\n",
+                "otlp.compression: unknown compression `zstd`",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\ntemporality = \"both\"\n",
+                "otlp.temporality",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\n[otlp.traces]\nendpoint = \"h:2\"\n",
+                "otlp.traces.endpoint",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\n[otlp.logs]\nenabled = false\n\
+                 [otlp.traces]\nenabled = false\n[otlp.metrics]\nenabled = false\n",
+                "every signal is disabled",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\nspool_max_mb = 0\n",
+                "otlp.spool_max_mb",
+            ),
+            (
+                "[otlp]\nendpoint = \"http://h:1\"\n[otlp.logs]\nlevel = 3\n",
+                "unknown field `level`",
+            ),
         ] {
             let e = parse(t).unwrap_err().to_string();
             assert!(e.contains(want), "{t}: {e}");
         }
+    }
+
+    #[test]
+    fn otlp_presets_fill_in_what_the_backend_wants() {
+        let raw = |preset: &str| RawOtlp {
+            preset: Some(preset.into()),
+            ..Default::default()
+        };
+        let nr = otlp_settings(raw("newrelic"), &|k| {
+            (k == NEWRELIC_KEY_ENV).then(|| "nr-key ".to_string())
+        })
+        .unwrap();
+        assert_eq!(nr.preset, Some("newrelic"));
+        let m = nr.metrics.unwrap();
+        assert_eq!(m.endpoint, NEWRELIC_ENDPOINT);
+        assert_eq!(
+            m.headers,
+            vec![("api-key".to_string(), "nr-key".to_string())]
+        );
+        assert_eq!(m.temporality, exporters::otlp::Temporality::Delta);
+        assert_eq!(m.compression, exporters::otlp::Compression::Gzip);
+        assert_eq!(m.max_attr_value_len, Some(NEWRELIC_MAX_ATTR_VALUE));
+        let e = otlp_settings(raw("newrelic"), &|_| None).unwrap_err();
+        assert_eq!(e.0, "otlp.preset");
+        assert!(e.1.contains(NEWRELIC_KEY_ENV), "{}", e.1);
+        // An explicit header wins over the environment.
+        let mut r = raw("newrelic");
+        r.headers.insert("api-key".into(), "from-config".into());
+        let nr = otlp_settings(r, &|_| None).unwrap();
+        assert_eq!(nr.logs.unwrap().headers[0].1, "from-config");
+
+        let g = otlp_settings(raw("grafana"), &|k| match k {
+            GRAFANA_USER_ENV => Some("123456".into()),
+            GRAFANA_TOKEN_ENV => Some("glc_tok".into()),
+            _ => None,
+        })
+        .unwrap();
+        let t = g.traces.unwrap();
+        assert_eq!(t.endpoint, "http://127.0.0.1:4318");
+        assert_eq!(
+            t.headers,
+            vec![(
+                "authorization".to_string(),
+                format!("Basic {}", base64(b"123456:glc_tok"))
+            )]
+        );
+        assert_eq!(t.temporality, exporters::otlp::Temporality::Cumulative);
+        let e = otlp_settings(raw("grafana"), &|k| {
+            (k == GRAFANA_USER_ENV).then(|| "1".into())
+        })
+        .unwrap_err();
+        assert!(e.1.contains(GRAFANA_TOKEN_ENV), "{}", e.1);
+        assert!(otlp_settings(raw("grafana"), &|_| None)
+            .unwrap()
+            .logs
+            .unwrap()
+            .headers
+            .is_empty());
+        assert_eq!(base64(b"Man"), "TWFu");
+        assert_eq!(base64(b"Ma"), "TWE=");
+        assert_eq!(base64(b"M"), "TQ==");
     }
 
     #[test]

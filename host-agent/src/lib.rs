@@ -19,8 +19,10 @@ pub mod metrics;
 pub mod pool;
 pub mod procfs;
 pub mod recorder;
+pub mod series;
 pub mod shell;
 pub mod ssh;
+pub mod telemetry;
 pub mod util;
 
 pub use agent::{Agent, Invocation, InvokeError, InvokeOptions, Status};

@@ -65,6 +65,9 @@ pub enum LinkError {
     Decode(#[source] wire::DecodeError),
 }
 
+/// A trace id and a span id: the invocation span a log line belongs to.
+pub type TraceIds = ([u8; 16], [u8; 8]);
+
 /// One function log line as the agent keeps it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LogLine {
@@ -84,6 +87,9 @@ pub struct LogLine {
     pub ts_ms: u64,
     /// Cut at the line-length limit.
     pub truncated: bool,
+    /// The trace and span of the invocation (from the `traceparent` it was sent with).
+    #[serde(skip)]
+    pub trace: Option<TraceIds>,
 }
 
 /// What a shell session in the sandbox says, in order; [`ShellEvent::Exit`] is last.
@@ -112,6 +118,8 @@ pub const RECENT_LOG_LINES: usize = 200;
 struct Pending {
     ready: Option<oneshot::Sender<wire::Ready>>,
     invoke: Option<(String, oneshot::Sender<wire::InvokeResult>)>,
+    /// The latest invocation's id and trace context (kept past its result, for late lines).
+    trace: Option<(String, TraceIds)>,
     stats: Vec<oneshot::Sender<wire::Stats>>,
     ping: Option<(u64, oneshot::Sender<wire::Pong>)>,
 }
@@ -382,6 +390,17 @@ impl Link {
         }
     }
 
+    fn trace_of(&self, invoke_id: &str) -> Option<TraceIds> {
+        if invoke_id.is_empty() {
+            return None;
+        }
+        let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match &p.trace {
+            Some((id, t)) if id == invoke_id => Some(*t),
+            _ => None,
+        }
+    }
+
     fn on_log(&self, l: wire::Log) {
         let prev = self.last_seq.swap(l.seq, Ordering::AcqRel);
         if l.seq > prev + 1 {
@@ -400,6 +419,7 @@ impl Link {
             function: self.function.clone(),
             seq: l.seq,
             stream,
+            trace: self.trace_of(&l.invoke_id),
             invoke_id: l.invoke_id,
             line: l.line,
             ts_ms: SystemTime::now()
@@ -476,6 +496,8 @@ impl Link {
                 return Err(self.closed_err());
             }
             p.invoke = Some((inv.invoke_id.clone(), tx));
+            p.trace = exporters::otlp::traces::TraceContext::parse(&inv.traceparent)
+                .map(|c| (inv.invoke_id.clone(), (c.trace_id, c.span_id)));
         }
         self.send(inv.into()).await?;
         match tokio::time::timeout(wait, rx).await {

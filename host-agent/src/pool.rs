@@ -56,6 +56,8 @@ struct Live {
 pub struct Sandbox {
     /// Id (hostname inside).
     pub id: String,
+    /// Serial number in this agent (1, 2, ...): how samples name it, allocation-free.
+    pub serial: u32,
     /// Function served.
     pub function: Arc<FunctionSpec>,
     /// Function index in the registry.
@@ -99,6 +101,7 @@ impl Sandbox {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
+        serial: u32,
         function: Arc<FunctionSpec>,
         fn_index: u32,
         driver: &'static str,
@@ -109,6 +112,7 @@ impl Sandbox {
     ) -> Self {
         Self {
             id,
+            serial,
             function,
             fn_index,
             driver,

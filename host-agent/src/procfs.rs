@@ -138,3 +138,15 @@ mod tests {
         assert!(host_mem().total_bytes > 0);
     }
 }
+
+/// The host CPU's model name (`/proc/cpuinfo`), empty if unknown.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "model name").then(|| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}

@@ -75,6 +75,9 @@ pub enum Outcome {
 pub struct Sample {
     /// Function index in the agent's registry.
     pub function: u32,
+    /// The sandbox's serial number ([`crate::pool::Sandbox::serial`]); 0 when the
+    /// invocation reached none (throttled, the sandbox failed to start).
+    pub sandbox: u32,
     /// A new sandbox was started for this invocation.
     pub cold: bool,
     /// Outcome.
@@ -94,6 +97,7 @@ impl Sample {
     pub fn new(function: u32, cold: bool, outcome: Outcome) -> Self {
         Self {
             function,
+            sandbox: 0,
             cold,
             outcome,
             total_us: 0,
@@ -275,6 +279,8 @@ pub struct StatsSnapshot {
 pub struct Telemetry {
     /// Dropped items by signal.
     pub dropped: BTreeMap<&'static str, u64>,
+    /// Records waiting in the OTLP spool, by signal (empty without a spool).
+    pub spooled: BTreeMap<&'static str, u64>,
 }
 
 fn hist() -> Histogram<u64> {
@@ -395,35 +401,78 @@ impl FnAgg {
     }
 }
 
-/// Owns the histograms. Run [`Aggregator::run`] in one task.
+/// Owns the histograms. Run it with [`Aggregator::spawn`] in one task.
 pub struct Aggregator {
     recorder: Arc<Recorder>,
     fns: Vec<FnAgg>,
+    /// Per-sandbox series for metric export (only when it is on).
+    series: Option<crate::series::AllSeries>,
 }
 
 /// Extra drop counters merged into snapshots (e.g. log lines lost on links).
 pub type DropSource = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
 
-/// Asks the aggregator for a fresh snapshot.
+enum Request {
+    Stats(oneshot::Sender<StatsSnapshot>),
+    Series(oneshot::Sender<Vec<exporters::otlp::metrics::ResourceIn>>),
+    Register(u32, Arc<crate::series::SandboxMeta>),
+    Ended(u32),
+}
+
+/// Talks to the aggregator task: snapshots, and the sandboxes' comings and goings.
 #[derive(Clone, Debug)]
 pub struct SnapshotHandle {
-    tx: mpsc::Sender<oneshot::Sender<StatsSnapshot>>,
+    tx: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Request::Stats(_) => "Stats",
+            Request::Series(_) => "Series",
+            Request::Register(..) => "Register",
+            Request::Ended(_) => "Ended",
+        })
+    }
 }
 
 impl SnapshotHandle {
     /// A snapshot including every sample recorded before this call.
     pub async fn snapshot(&self) -> Option<StatsSnapshot> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).await.ok()?;
+        self.tx.send(Request::Stats(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Per-sandbox series for metric export (empty when the aggregator keeps none),
+    /// including every sample recorded before this call. Ended sandboxes appear one last
+    /// time.
+    pub async fn series(&self) -> Vec<exporters::otlp::metrics::ResourceIn> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::Series(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// A sandbox started (its serial appears in samples from now on).
+    pub async fn register(&self, serial: u32, meta: Arc<crate::series::SandboxMeta>) {
+        let _ = self.tx.send(Request::Register(serial, meta)).await;
+    }
+
+    /// A sandbox ended.
+    pub async fn ended(&self, serial: u32) {
+        let _ = self.tx.send(Request::Ended(serial)).await;
     }
 }
 
 impl Aggregator {
-    /// An aggregator for functions named `names` (indexes are sample function ids).
-    pub fn new(recorder: Arc<Recorder>, names: Vec<String>) -> Self {
+    /// An aggregator for functions named `names` (indexes are sample function ids);
+    /// `per_sandbox` keeps the series metric export needs.
+    pub fn new(recorder: Arc<Recorder>, names: Vec<String>, per_sandbox: bool) -> Self {
         Self {
             recorder,
+            series: per_sandbox.then(|| crate::series::AllSeries::new(names.clone())),
             fns: names.into_iter().map(FnAgg::new).collect(),
         }
     }
@@ -434,6 +483,9 @@ impl Aggregator {
         while let Some(s) = self.recorder.pop() {
             if let Some(f) = self.fns.get_mut(s.function as usize) {
                 f.add(&s);
+            }
+            if let Some(series) = &mut self.series {
+                series.add(&s);
             }
             n += 1;
         }
@@ -449,13 +501,46 @@ impl Aggregator {
         }
         StatsSnapshot {
             functions: self.fns.iter().map(FnAgg::stats).collect(),
-            telemetry: Telemetry { dropped },
+            telemetry: Telemetry {
+                dropped,
+                spooled: BTreeMap::new(),
+            },
+        }
+    }
+
+    fn handle(&mut self, req: Request, drops: &DropSource) {
+        match req {
+            Request::Stats(reply) => {
+                self.drain();
+                let _ = reply.send(self.snapshot(&drops()));
+            }
+            Request::Series(reply) => {
+                self.drain();
+                let _ = reply.send(
+                    self.series
+                        .as_mut()
+                        .map(crate::series::AllSeries::export)
+                        .unwrap_or_default(),
+                );
+            }
+            Request::Register(serial, meta) => {
+                if let Some(s) = &mut self.series {
+                    s.register(serial, meta);
+                }
+            }
+            Request::Ended(serial) => {
+                // Samples of its last invocations are counted before it is marked.
+                self.drain();
+                if let Some(s) = &mut self.series {
+                    s.ended(serial);
+                }
+            }
         }
     }
 
     /// Spawn the aggregator task; returns the handle used to request snapshots.
     pub fn spawn(mut self, drops: DropSource) -> SnapshotHandle {
-        let (tx, mut rx) = mpsc::channel::<oneshot::Sender<StatsSnapshot>>(64);
+        let (tx, mut rx) = mpsc::channel::<Request>(256);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -463,10 +548,7 @@ impl Aggregator {
                 tokio::select! {
                     _ = tick.tick() => { self.drain(); }
                     req = rx.recv() => match req {
-                        Some(reply) => {
-                            self.drain();
-                            let _ = reply.send(self.snapshot(&drops()));
-                        }
+                        Some(req) => self.handle(req, &drops),
                         None => break,
                     }
                 }
@@ -495,7 +577,7 @@ mod tests {
     #[test]
     fn counts_and_splits_warm_cold() {
         let r = Arc::new(Recorder::new(1024));
-        let mut a = Aggregator::new(r.clone(), vec!["a".into(), "b".into()]);
+        let mut a = Aggregator::new(r.clone(), vec!["a".into(), "b".into()], false);
         r.record(sample(0, true, Outcome::Ok, 5000));
         for i in 0..99 {
             r.record(sample(0, false, Outcome::Ok, 100 + i));
@@ -558,9 +640,28 @@ mod tests {
     #[tokio::test]
     async fn snapshot_includes_samples_recorded_before_the_request() {
         let r = Arc::new(Recorder::new(1024));
-        let h = Aggregator::new(r.clone(), vec!["f".into()]).spawn(Arc::new(Vec::new));
+        let h = Aggregator::new(r.clone(), vec!["f".into()], true).spawn(Arc::new(Vec::new));
         r.record(sample(0, false, Outcome::Ok, 10));
         let s = h.snapshot().await.unwrap();
         assert_eq!(s.functions[0].invocations, 1);
+        // Per-sandbox series follow registrations; an ended sandbox shows once more.
+        h.register(
+            3,
+            Arc::new(crate::series::SandboxMeta {
+                fn_index: 0,
+                id: "f-3".into(),
+                function: "f".into(),
+                max_memory_bytes: 1 << 27,
+                driver: "process",
+                boot_id: "b".into(),
+            }),
+        )
+        .await;
+        let mut warm = sample(0, false, Outcome::Ok, 10);
+        warm.sandbox = 3;
+        r.record(warm);
+        h.ended(3).await;
+        assert_eq!(h.series().await.len(), 2, "f-3 and the no-sandbox series");
+        assert_eq!(h.series().await.len(), 1);
     }
 }

@@ -40,32 +40,69 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Python processors for rotel: what arrives is appended to files as JSON lines.
 const PROCESSOR: &str = r#"
 import json
-OUT = "@OUT@"
+LOGS = "@LOGS@"
+SPANS = "@SPANS@"
+
+def hx(v):
+    if v is None:
+        return ""
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, list):
+        return bytes(v).hex()
+    return str(v)
+
+def val(v):
+    return v.value if v is not None else None
+
+def attrs(a):
+    return {x.key: val(x.value) for x in a}
+
+def res(r):
+    return attrs(r.resource.attributes) if r.resource else {}
 
 def process_logs(resource_logs):
-    res = {}
-    if resource_logs.resource:
-        for a in resource_logs.resource.attributes:
-            res[a.key] = a.value.value
-    with open(OUT, "a") as f:
+    with open(LOGS, "a") as f:
         for sl in resource_logs.scope_logs:
             for lr in sl.log_records:
                 f.write(json.dumps({
                     "body": lr.body.value if lr.body else None,
                     "severity_number": lr.severity_number,
                     "severity_text": lr.severity_text,
-                    "attributes": {a.key: a.value.value for a in lr.attributes},
-                    "resource": res,
+                    "attributes": attrs(lr.attributes),
+                    "trace_id": hx(lr.trace_id),
+                    "span_id": hx(lr.span_id),
+                    "resource": res(resource_logs),
                     "scope": sl.scope.name if sl.scope else "",
+                }) + "\n")
+
+def process_spans(resource_spans):
+    with open(SPANS, "a") as f:
+        for ss in resource_spans.scope_spans:
+            for s in ss.spans:
+                f.write(json.dumps({
+                    "name": s.name,
+                    "trace_id": hx(s.trace_id),
+                    "span_id": hx(s.span_id),
+                    "parent_span_id": hx(s.parent_span_id),
+                    "kind": str(s.kind),
+                    "start": s.start_time_unix_nano,
+                    "end": s.end_time_unix_nano,
+                    "attributes": attrs(s.attributes),
+                    "status": str(s.status.code) if s.status else "",
+                    "resource": res(resource_spans),
                 }) + "\n")
 "#;
 
 struct Rotel {
     child: Child,
-    out: std::path::PathBuf,
+    logs: std::path::PathBuf,
+    spans: std::path::PathBuf,
     http: u16,
+    grpc: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -77,15 +114,22 @@ impl Drop for Rotel {
 }
 
 fn start_rotel(bin: &str) -> Rotel {
+    start_rotel_on(bin, free_port(), free_port())
+}
+
+/// rotel listening on these ports (a restart reuses them).
+fn start_rotel_on(bin: &str, grpc: u16, http: u16) -> Rotel {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("logs.jsonl");
+    let logs = dir.path().join("logs.jsonl");
+    let spans = dir.path().join("spans.jsonl");
     let proc_py = dir.path().join("capture.py");
     std::fs::write(
         &proc_py,
-        PROCESSOR.replace("@OUT@", &out.display().to_string()),
+        PROCESSOR
+            .replace("@LOGS@", &logs.display().to_string())
+            .replace("@SPANS@", &spans.display().to_string()),
     )
     .unwrap();
-    let (grpc, http) = (free_port(), free_port());
     let child = Command::new(bin)
         .args(["start", "--otlp-grpc-endpoint"])
         .arg(format!("127.0.0.1:{grpc}"))
@@ -93,12 +137,16 @@ fn start_rotel(bin: &str) -> Rotel {
         .arg(format!("127.0.0.1:{http}"))
         .args(["--exporter", "blackhole", "--otlp-with-logs-processor"])
         .arg(&proc_py)
+        .arg("--otlp-with-trace-processor")
+        .arg(&proc_py)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err() {
+    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err()
+        || std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err()
+    {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "rotel did not start"
@@ -107,18 +155,44 @@ fn start_rotel(bin: &str) -> Rotel {
     }
     Rotel {
         child,
-        out,
+        logs,
+        spans,
         http,
+        grpc,
         _dir: dir,
     }
 }
 
-fn received(r: &Rotel) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(&r.out)
+fn lines(p: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+fn received(r: &Rotel) -> Vec<serde_json::Value> {
+    lines(&r.logs)
+}
+
+/// Poll `f` on what rotel wrote to `p` until it holds (15 s at most).
+async fn until(
+    p: &std::path::Path,
+    what: &str,
+    f: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let t0 = Instant::now();
+    loop {
+        let v = lines(p);
+        if f(&v) {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{what}: so far {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 const HELLO: &str = r#"event=$(cat)
@@ -280,4 +354,195 @@ async fn a_dead_collector_does_not_slow_invocations_and_losses_are_counted() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+const TRACED: &str = r#"event=$(cat)
+echo "traced-line tp=$TRACEPARENT" >&2
+echo '{"ok":true}'"#;
+
+/// POST an invocation with these headers; returns (status, headers).
+async fn invoke_with(
+    a: &common::TestAgent,
+    name: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap) {
+    let mut req = a
+        .http
+        .post(format!("{}/2015-03-31/functions/{name}/invocations", a.url))
+        .body("{}");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let h = r.headers().clone();
+    let _ = r.text().await;
+    (status, h)
+}
+
+fn hdr(h: &reqwest::header::HeaderMap, k: &str) -> String {
+    h.get(k).unwrap().to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invocation_spans_over_grpc_join_the_callers_trace_and_logs_over_http_carry_their_ids() {
+    if !common::can_run() {
+        return;
+    }
+    let Some(bin) = rotel() else { return };
+    let r = start_rotel(&bin);
+    let a = start_more(
+        &[func("traced", TRACED, "")],
+        "",
+        &format!(
+            "\n[otlp]\nendpoint = \"http://127.0.0.1:{}\"\ninterval_s = 0.05\n\
+             [otlp.traces]\nendpoint = \"http://127.0.0.1:{}\"\nprotocol = \"grpc\"\n\
+             [otlp.metrics]\nenabled = false\n",
+            r.http, r.grpc
+        ),
+    )
+    .await;
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let tp = format!("00-{caller_trace}-{caller_span}-01");
+    let (status, h) = invoke_with(&a, "traced", &[("traceparent", &tp)]).await;
+    assert_eq!(status, 200);
+    assert_eq!(hdr(&h, "x-sandscope-coldstart"), "true");
+    let sandbox = hdr(&h, "x-sandscope-sandbox-id");
+    let cold_id = hdr(&h, "x-amzn-requestid");
+    let (status, h) = invoke_with(&a, "traced", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(hdr(&h, "x-sandscope-coldstart"), "false");
+    let warm_id = hdr(&h, "x-amzn-requestid");
+
+    let root_of = |spans: &[serde_json::Value], id: &str| {
+        spans
+            .iter()
+            .find(|s| s["name"] == "traced" && s["attributes"]["faas.invocation_id"] == id)
+            .cloned()
+    };
+    let children_of = |spans: &[serde_json::Value],
+                       root: &serde_json::Value|
+     -> Vec<serde_json::Value> {
+        spans
+            .iter()
+            .filter(|s| s["parent_span_id"] == root["span_id"] && s["trace_id"] == root["trace_id"])
+            .cloned()
+            .collect()
+    };
+    let spans = until(&r.spans, "both invocations' spans", |v| {
+        [&cold_id, &warm_id].iter().all(|id| {
+            root_of(v, id)
+                .is_some_and(|root| children_of(v, &root).iter().any(|c| c["name"] == "invoke"))
+        })
+    })
+    .await;
+
+    // The cold invocation: a child of the caller's span, in the caller's trace.
+    let root = root_of(&spans, &cold_id).unwrap();
+    assert_eq!(root["trace_id"], caller_trace, "{root}");
+    assert_eq!(root["parent_span_id"], caller_span, "{root}");
+    assert_eq!(root["attributes"]["faas.coldstart"], true, "{root}");
+    assert_eq!(root["attributes"]["faas.trigger"], "http");
+    assert_eq!(root["resource"]["faas.instance"], sandbox.as_str());
+    assert_eq!(root["resource"]["faas.name"], "traced");
+    assert_eq!(root["resource"]["faas.max_memory"], 128 << 20, "{root}");
+    assert_eq!(root["resource"]["service.name"], "sandscope-agent");
+    let kids = children_of(&spans, &root);
+    let names: Vec<&str> = kids.iter().map(|k| k["name"].as_str().unwrap()).collect();
+    for want in ["spawn", "probe_init", "runtime_init", "invoke"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let (rs, re) = (
+        root["start"].as_u64().unwrap(),
+        root["end"].as_u64().unwrap(),
+    );
+    for k in &kids {
+        let (s, e) = (k["start"].as_u64().unwrap(), k["end"].as_u64().unwrap());
+        assert!(
+            rs <= s && s <= e && e <= re,
+            "child outside its parent: {k} in {root}"
+        );
+        assert_ne!(
+            k["kind"], root["kind"],
+            "phases are INTERNAL, the invocation SERVER"
+        );
+    }
+    let at = |n: &str| kids.iter().find(|k| k["name"] == n).unwrap();
+    // One timeline: the start-up phases follow each other, the invoke comes after them.
+    assert_eq!(at("probe_init")["start"], at("spawn")["end"]);
+    assert_eq!(at("runtime_init")["start"], at("probe_init")["end"]);
+    assert!(at("invoke")["start"].as_u64() >= at("runtime_init")["end"].as_u64());
+
+    // The warm one: a new trace, no start-up phases.
+    let warm = root_of(&spans, &warm_id).unwrap();
+    assert_ne!(warm["trace_id"], caller_trace);
+    assert_eq!(warm["parent_span_id"], "");
+    assert_eq!(warm["attributes"]["faas.coldstart"], false);
+    let warm_kids: Vec<String> = children_of(&spans, &warm)
+        .iter()
+        .map(|k| k["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(warm_kids.contains(&"invoke".to_string()), "{warm_kids:?}");
+    for phase in ["spawn", "probe_init", "runtime_init"] {
+        assert!(
+            !warm_kids.contains(&phase.to_string()),
+            "warm has no {phase}: {warm_kids:?}"
+        );
+    }
+
+    // Logs (over HTTP) carry the invocation's trace and span, and the handler saw the
+    // invocation span as its parent.
+    let span_id = root["span_id"].as_str().unwrap().to_string();
+    let logs = until(&r.logs, "the handler's line and the REPORT", |v| {
+        v.iter().any(|l| {
+            l["attributes"]["faas.invocation_id"] == cold_id.as_str()
+                && l["body"].as_str().unwrap_or("").starts_with("traced-line")
+        }) && v.iter().any(|l| {
+            l["body"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("REPORT RequestId: {cold_id}"))
+        })
+    })
+    .await;
+    let line = logs
+        .iter()
+        .find(|l| {
+            l["body"].as_str().unwrap_or("").starts_with("traced-line")
+                && l["attributes"]["faas.invocation_id"] == cold_id.as_str()
+        })
+        .unwrap();
+    assert_eq!(line["trace_id"], caller_trace, "{line}");
+    assert_eq!(line["span_id"], span_id.as_str(), "{line}");
+    assert_eq!(
+        line["body"],
+        format!("traced-line tp=00-{caller_trace}-{span_id}-01").as_str(),
+        "the handler gets TRACEPARENT naming the invocation span"
+    );
+    let report = logs
+        .iter()
+        .find(|l| {
+            l["body"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("REPORT RequestId: {cold_id}"))
+        })
+        .unwrap();
+    assert_eq!(
+        report["trace_id"], caller_trace,
+        "platform lines too: {report}"
+    );
+    assert_eq!(report["span_id"], span_id.as_str());
+    let stats = a.get("/v1/stats").await;
+    assert_eq!(
+        stats["telemetry"]["dropped"]["otlp_traces"], 0,
+        "{}",
+        stats["telemetry"]
+    );
+    assert_eq!(
+        stats["telemetry"]["dropped"]["otlp_logs"], 0,
+        "{}",
+        stats["telemetry"]
+    );
 }

@@ -134,14 +134,24 @@ struct AgentArgs {
     /// re-read at every login).
     #[arg(long, alias = "authorized-keys")]
     ssh_authorized_keys: Option<PathBuf>,
-    /// Export function logs, platform events and shell audits as OTLP log records to this
-    /// collector (HTTP/protobuf base URL, e.g. http://127.0.0.1:4318; overrides
-    /// `[otlp] endpoint`).
-    #[arg(long)]
+    /// Export metrics, invocation traces and logs over OTLP to this collector: base URL,
+    /// e.g. http://127.0.0.1:4318 (HTTP/protobuf) or http://127.0.0.1:4317 (gRPC).
+    /// Overrides `[otlp] endpoint`; `[otlp]` in the config has the other knobs.
+    #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
-    /// OTLP protocol: `http` (HTTP/protobuf). gRPC is not built yet.
-    #[arg(long)]
+    /// OTLP protocol: `http` (HTTP/protobuf, default) or `grpc`.
+    #[arg(long, value_name = "PROTOCOL")]
     otlp_protocol: Option<String>,
+    /// Backend preset: `newrelic` (New Relic's OTLP endpoint, api-key from
+    /// $NEW_RELIC_LICENSE_KEY, gzip, delta temporality, its attribute limits) or `grafana`
+    /// (Alloy/collector on 127.0.0.1:4318 unless --otlp-endpoint; basic auth from
+    /// $GRAFANA_OTLP_USER and $GRAFANA_OTLP_TOKEN).
+    #[arg(long, value_name = "PRESET")]
+    otlp_preset: Option<String>,
+    /// Keep OTLP batches the backend cannot take in this directory and send them when it
+    /// is back, also after a restart (`[otlp] spool_dir`; size: `spool_max_mb`).
+    #[arg(long, value_name = "DIR")]
+    otlp_spool: Option<PathBuf>,
     /// SSH host key file (created on first start; default
     /// /var/lib/sandscope/ssh_host_ed25519_key for root, else under ~/.local/share).
     #[arg(long)]
@@ -286,24 +296,37 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
             s.host_key = k;
         }
     }
-    if a.otlp_endpoint.is_some() || a.otlp_protocol.is_some() {
-        let endpoint = a
-            .otlp_endpoint
-            .or_else(|| cfg.otlp.as_ref().map(|o| o.endpoint.clone()));
-        let headers = cfg
-            .otlp
-            .as_ref()
-            .map(|o| o.headers.iter().cloned().collect())
-            .unwrap_or_default();
-        let raw = host_agent::config::RawOtlp {
-            endpoint,
-            protocol: a.otlp_protocol,
-            headers,
-            ..Default::default()
-        };
+    if a.otlp_endpoint.is_some()
+        || a.otlp_protocol.is_some()
+        || a.otlp_preset.is_some()
+        || a.otlp_spool.is_some()
+    {
+        // Flags override the config's `[otlp]` keys, then everything is validated again.
+        let mut raw = cfg.otlp.take().map(|o| o.raw).unwrap_or_default();
+        if a.otlp_endpoint.is_some() {
+            raw.endpoint = a.otlp_endpoint;
+        }
+        if a.otlp_protocol.is_some() {
+            raw.protocol = a.otlp_protocol;
+        }
+        if a.otlp_preset.is_some() {
+            raw.preset = a.otlp_preset;
+        }
+        if a.otlp_spool.is_some() {
+            raw.spool_dir = a.otlp_spool;
+        }
         cfg.otlp = Some(
-            host_agent::config::otlp_config(raw)
-                .map_err(|(k, r)| anyhow::anyhow!("--{}: {r}", k.replace("otlp.", "otlp-")))?,
+            host_agent::config::otlp_settings(raw, &|k| std::env::var(k).ok()).map_err(
+                |(k, r)| {
+                    let flag = match k.as_str() {
+                        "otlp.endpoint" => "--otlp-endpoint".to_string(),
+                        "otlp.protocol" => "--otlp-protocol".to_string(),
+                        "otlp.preset" => "--otlp-preset".to_string(),
+                        other => other.to_string(),
+                    };
+                    anyhow::anyhow!("{flag}: {r}")
+                },
+            )?,
         );
     }
     let addr = cfg.http;
@@ -330,10 +353,12 @@ async fn run_agent(a: AgentArgs) -> Result<ExitCode> {
         eprintln!("  alert rules: {n_rules} (reload: SIGHUP or POST /v1/rules/reload)");
     }
     if let Some(o) = &agent.config().otlp {
-        eprintln!(
-            "  otlp: logs to {}/v1/logs (HTTP/protobuf)",
-            o.endpoint.trim_end_matches('/')
-        );
+        for (signal, url, protocol) in o.describe() {
+            eprintln!("  otlp: {signal:<7} -> {url} ({protocol})");
+        }
+        if let Some(p) = o.preset {
+            eprintln!("  otlp: preset {p}");
+        }
     }
     if let Some(s) = agent.config().ssh.clone() {
         let info = host_agent::ssh::start(agent.clone(), &s).await?;

@@ -187,6 +187,15 @@ impl Engine {
         self.eval.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Rules in alarm now.
+    pub fn firing(&self) -> usize {
+        self.lock()
+            .states()
+            .iter()
+            .filter(|s| s.state() == Some(super::AlarmState::Alarm))
+            .count()
+    }
+
     /// The `/v1/alerts` feed.
     pub fn view(&self) -> serde_json::Value {
         let ev = self.lock();
@@ -218,12 +227,8 @@ impl Engine {
                 })
             })
             .collect();
-        let firing = ev
-            .states()
-            .iter()
-            .filter(|s| s.state() == Some(super::AlarmState::Alarm))
-            .count();
         drop(ev);
+        let firing = self.firing();
         serde_json::json!({
             "rules": rules,
             "firing": firing,
