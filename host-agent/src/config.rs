@@ -88,6 +88,8 @@ pub struct RawOtlp {
     pub spool_dir: Option<PathBuf>,
     /// Spool size bound, MiB per signal (default 64); the oldest batches go first.
     pub spool_max_mb: Option<u64>,
+    /// Extra CA certificates (PEM) to trust for an `https://` endpoint.
+    pub ca_file: Option<PathBuf>,
     /// `[otlp.logs]`: per-signal overrides.
     pub logs: Option<RawOtlpSignal>,
     /// `[otlp.traces]`.
@@ -535,15 +537,16 @@ pub fn otlp_settings(
             c.compression = compression;
             c.temporality = temporality;
             c.max_attr_value_len = max_attr_value_len;
+            c.ca_file = raw.ca_file.clone();
             c.spool = raw.spool_dir.as_ref().map(|d| SpoolConfig {
                 dir: d.clone(),
                 max_bytes: spool_max.saturating_mul(1 << 20),
             });
             c.validate().map_err(|e| {
-                let k = if matches!(e, exporters::otlp::OtlpError::Header(_)) {
-                    "otlp.headers".to_string()
-                } else {
-                    key("endpoint")
+                let k = match e {
+                    exporters::otlp::OtlpError::Header(_) => "otlp.headers".to_string(),
+                    exporters::otlp::OtlpError::Ca(..) => "otlp.ca_file".to_string(),
+                    _ => key("endpoint"),
                 };
                 (k, e.to_string())
             })?;
@@ -960,7 +963,7 @@ mod tests {
             ("[otlp]\n", "otlp.endpoint: missing"),
             (
                 "[otlp]\nendpoint = \"localhost:4318\"\n",
-                "must start with http://",
+                "must start with http:// or https://",
             ),
             (
                 "[otlp]\nendpoint = \"http://h:1\"\nprotocol = \"udp\"\n",

@@ -44,6 +44,9 @@ pub enum OtlpError {
     /// A header name or value is not valid HTTP.
     #[error("OTLP header `{0}`: not a valid HTTP header")]
     Header(String),
+    /// The CA file cannot be read or holds no certificate.
+    #[error("OTLP CA file {0}: {1}")]
+    Ca(std::path::PathBuf, String),
     /// Not inside a tokio runtime.
     #[error("the OTLP exporter needs a running tokio runtime")]
     NoRuntime,
@@ -165,6 +168,9 @@ pub struct OtlpConfig {
     /// Longest attribute value or log body in bytes (cut at a char boundary); `None`: no
     /// limit.
     pub max_attr_value_len: Option<usize>,
+    /// Extra CA certificates (PEM) trusted for `https://` endpoints, beyond the built-in
+    /// web roots (a private CA in front of a gateway).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl OtlpConfig {
@@ -186,23 +192,34 @@ impl OtlpConfig {
             spool: None,
             temporality: Temporality::Cumulative,
             max_attr_value_len: None,
+            ca_file: None,
         }
     }
 
-    /// Check the endpoint: `http://` only (this build has no TLS), with a host; and the
-    /// headers. The same rules hold for both protocols.
+    /// Check the endpoint: `http://`, or `https://` for HTTP/protobuf (gRPC here is
+    /// cleartext h2c only), with a host; the headers; the CA file.
     pub fn validate(&self) -> Result<(), OtlpError> {
         let bad = |why: &str| OtlpError::Endpoint(self.endpoint.clone(), why.to_string());
         let rest = if let Some(r) = self.endpoint.strip_prefix("http://") {
             r
-        } else if self.endpoint.starts_with("https://") {
-            return Err(bad(
-                "https is not supported by this build (no TLS); use a local collector (Alloy, \
-                 the OpenTelemetry Collector, rotel) on http://",
-            ));
+        } else if let Some(r) = self.endpoint.strip_prefix("https://") {
+            if self.protocol == Protocol::Grpc {
+                return Err(bad(
+                    "gRPC over TLS is not built; use protocol `http` (HTTP/protobuf over \
+                     https) or a local collector on http://",
+                ));
+            }
+            r
         } else {
-            return Err(bad("must start with http://"));
+            return Err(bad("must start with http:// or https://"));
         };
+        if let Some(ca) = &self.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| OtlpError::Ca(ca.clone(), e.to_string()))?;
+            reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| OtlpError::Ca(ca.clone(), "no PEM certificate in it".into()))?;
+        }
         let host = rest.split('/').next().unwrap_or("");
         if host.is_empty() || host.contains(char::is_whitespace) {
             return Err(bad("has no host"));
@@ -506,10 +523,35 @@ mod tests {
     fn endpoints_are_checked() {
         assert!(OtlpConfig::new("http://127.0.0.1:4318").validate().is_ok());
         assert!(OtlpConfig::new("http://collector/otlp/").validate().is_ok());
+        assert!(OtlpConfig::new("https://otlp.nr-data.net")
+            .validate()
+            .is_ok());
+        let mut g = OtlpConfig::new("https://otlp.nr-data.net:4317");
+        g.protocol = Protocol::Grpc;
+        assert!(g
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("gRPC over TLS is not built"));
+        let mut c = OtlpConfig::new("https://h");
+        c.ca_file = Some("/nonexistent/ca.pem".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/ca.pem"));
+        let junk = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(junk.path(), "not a certificate").unwrap();
+        c.ca_file = Some(junk.path().into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("no PEM certificate"));
         for protocol in [Protocol::Http, Protocol::Grpc] {
             for (bad, why) in [
                 ("127.0.0.1:4318", "http://"),
-                ("https://otlp.nr-data.net", "no TLS"),
+                ("ftp://h", "https://"),
                 ("http://", "no host"),
                 ("http://h:notaport", "port"),
             ] {
@@ -664,7 +706,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             assert!(matches!(
-                LogsExporter::start(OtlpConfig::new("https://h")),
+                LogsExporter::start(OtlpConfig::new("https:/h")),
                 Err(OtlpError::Endpoint(..))
             ));
         });

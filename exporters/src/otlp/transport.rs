@@ -146,9 +146,17 @@ impl Transport {
         }
         match cfg.protocol {
             Protocol::Http => {
-                let client = reqwest::Client::builder()
-                    .build()
-                    .map_err(OtlpError::Client)?;
+                let mut b = reqwest::Client::builder();
+                if let Some(ca) = &cfg.ca_file {
+                    let pem =
+                        std::fs::read(ca).map_err(|e| OtlpError::Ca(ca.clone(), e.to_string()))?;
+                    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                        .map_err(|e| OtlpError::Ca(ca.clone(), e.to_string()))?;
+                    for c in certs {
+                        b = b.add_root_certificate(c);
+                    }
+                }
+                let client = b.build().map_err(OtlpError::Client)?;
                 headers.insert(
                     hyper::header::CONTENT_TYPE,
                     HeaderValue::from_static("application/x-protobuf"),
