@@ -546,3 +546,132 @@ async fn invocation_spans_over_grpc_join_the_callers_trace_and_logs_over_http_ca
         stats["telemetry"]
     );
 }
+
+const MARKED: &str = r#"event=$(cat)
+echo "marker-line" >&2
+echo '{"ok":true}'"#;
+
+fn reports(recs: &[serde_json::Value]) -> Vec<String> {
+    recs.iter()
+        .filter_map(|r| r["body"].as_str())
+        .filter_map(|b| b.strip_prefix("REPORT RequestId: "))
+        .map(|b| b.split('\t').next().unwrap().to_string())
+        .collect()
+}
+
+async fn telemetry(a: &common::TestAgent, what: &str) -> u64 {
+    let s = a.get("/v1/stats").await;
+    s["telemetry"][what]["otlp_logs"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_outage_is_spooled_to_disk_and_delivered_after_collector_and_agent_restarts() {
+    if !common::can_run() {
+        return;
+    }
+    let Some(bin) = rotel() else { return };
+    let r1 = start_rotel(&bin);
+    let (grpc, http) = (r1.grpc, r1.http);
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "\n[otlp]\nendpoint = \"http://127.0.0.1:{http}\"\ninterval_s = 0.05\ntimeout_s = 0.5\n\
+         spool_dir = \"{}\"\n[otlp.traces]\nenabled = false\n[otlp.metrics]\nenabled = false\n",
+        spool.path().display()
+    );
+    let a = start_more(&[func("hello", MARKED, "")], "", &cfg).await;
+    let first = a.invoke("hello", "{}").await;
+    assert_eq!(first.status, 200);
+    until(&r1.logs, "the first REPORT", |v| !reports(v).is_empty()).await;
+
+    // The collector goes away: invocations carry on, their records go to the spool.
+    drop(r1);
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let r = a
+            .http
+            .post(format!("{}/2015-03-31/functions/hello/invocations", a.url))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "invocations go on during the outage");
+        ids.push(hdr(r.headers(), "x-amzn-requestid"));
+    }
+    let otlp = a.agent.otlp().unwrap().clone();
+    // Each invocation put its marker line and its REPORT on the bus: 20 records.
+    let t0 = Instant::now();
+    while telemetry(&a, "spooled").await < 20 {
+        otlp.flush(Duration::from_secs(2)).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "spooled {}",
+            telemetry(&a, "spooled").await
+        );
+    }
+    assert_eq!(
+        telemetry(&a, "spooled").await,
+        20,
+        "exactly the outage's records"
+    );
+    assert_eq!(telemetry(&a, "dropped").await, 0, "nothing lost");
+    assert!(
+        std::fs::read_dir(spool.path().join("logs"))
+            .unwrap()
+            .count()
+            > 0
+    );
+
+    // The collector is back on the same ports: the spool drains into it.
+    let r2 = start_rotel_on(&bin, grpc, http);
+    until(&r2.logs, "the outage's REPORTs", |v| {
+        ids.iter().all(|id| reports(v).contains(id))
+    })
+    .await;
+    assert!(
+        a.wait_for(Duration::from_secs(10), || async {
+            telemetry(&a, "spooled").await == 0
+        })
+        .await,
+        "spool drained"
+    );
+    // Nothing arrives twice (a little time for any duplicate to show up).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = received(&r2);
+    assert_eq!(got.len(), 20, "every spooled record once: {got:#?}");
+    assert_eq!(
+        got.iter().filter(|r| r["body"] == "marker-line").count(),
+        10
+    );
+
+    // Now the agent restarts during an outage: its last records are spooled at shutdown
+    // and the next agent on the same spool delivers them.
+    drop(r2);
+    let mut late = Vec::new();
+    for _ in 0..3 {
+        let r = a
+            .http
+            .post(format!("{}/2015-03-31/functions/hello/invocations", a.url))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        late.push(hdr(r.headers(), "x-amzn-requestid"));
+    }
+    a.stop().await;
+    let r3 = start_rotel_on(&bin, grpc, http);
+    let b = start_more(&[func("hello", MARKED, "")], "", &cfg).await;
+    until(
+        &r3.logs,
+        "the last agent's REPORTs, sent by the next one",
+        |v| late.iter().all(|id| reports(v).contains(id)),
+    )
+    .await;
+    assert!(
+        b.wait_for(Duration::from_secs(10), || async {
+            telemetry(&b, "spooled").await == 0
+        })
+        .await,
+        "spool drained after the restart"
+    );
+    assert_eq!(telemetry(&b, "dropped").await, 0);
+}
