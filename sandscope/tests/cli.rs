@@ -391,3 +391,106 @@ fn forcing_an_unavailable_vm_driver_says_why() {
         assert!(e.contains("PVM") && e.contains("--driver qemu"), "{e}");
     }
 }
+
+#[test]
+fn bad_otlp_settings_get_clear_errors_and_good_ones_are_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent_err = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = bin();
+        c.args(["agent", "--http", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path())
+            .args(args)
+            .env_remove("NEW_RELIC_LICENSE_KEY")
+            .env_remove("GRAFANA_OTLP_USER")
+            .env_remove("GRAFANA_OTLP_TOKEN");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for (args, env, want) in [
+        (
+            &["--otlp-endpoint", "localhost:4318"][..],
+            &[][..],
+            "--otlp-endpoint: OTLP endpoint `localhost:4318`: must start with http:// or https://",
+        ),
+        (
+            &["--otlp-preset", "datadog"][..],
+            &[][..],
+            "--otlp-preset: unknown preset `datadog` (newrelic or grafana)",
+        ),
+        (
+            &["--otlp-preset", "newrelic"][..],
+            &[][..],
+            "set NEW_RELIC_LICENSE_KEY",
+        ),
+        (
+            &["--otlp-preset", "grafana"][..],
+            &[("GRAFANA_OTLP_USER", "123")][..],
+            "GRAFANA_OTLP_TOKEN",
+        ),
+        (
+            &[
+                "--otlp-endpoint",
+                "https://otlp.nr-data.net:4317",
+                "--otlp-protocol",
+                "grpc",
+            ][..],
+            &[][..],
+            "gRPC over TLS is not built",
+        ),
+        (
+            &[
+                "--otlp-endpoint",
+                "http://127.0.0.1:4318",
+                "--otlp-protocol",
+                "udp",
+            ][..],
+            &[][..],
+            "--otlp-protocol: unknown protocol `udp` (http or grpc)",
+        ),
+    ] {
+        let (code, e) = agent_err(args, env);
+        assert_eq!(code, Some(1), "{args:?}: {e}");
+        assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
+    }
+    // The same checks on a config file name the file and the key.
+    let cfg = dir.path().join("otlp.toml");
+    std::fs::write(
+        &cfg,
+        "[otlp]\nendpoint = \"http://h:1\"\ncompression = \"zstd\"\n",
+    )
+    .unwrap();
+    let (code, e) = agent_err(&["--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        e.contains("otlp.toml") && e.contains("otlp.compression"),
+        "{e}"
+    );
+
+    // A good preset: the banner says where each signal goes. (A dead loopback port stands
+    // in for New Relic: tests never talk to the internet.)
+    if !root() {
+        return;
+    }
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    std::env::set_var("NEW_RELIC_LICENSE_KEY", "test-key");
+    let (agent, _, banner) = spawn_agent(
+        &["--otlp-preset", "newrelic", "--otlp-endpoint", &dead],
+        dir.path(),
+    );
+    std::env::remove_var("NEW_RELIC_LICENSE_KEY");
+    for want in [
+        format!("otlp: logs    -> {dead}/v1/logs (HTTP/protobuf)"),
+        format!("otlp: traces  -> {dead}/v1/traces (HTTP/protobuf)"),
+        format!("otlp: metrics -> {dead}/v1/metrics (HTTP/protobuf)"),
+        "otlp: preset newrelic".to_string(),
+    ] {
+        assert!(banner.contains(&want), "{want:?} in {banner}");
+    }
+    drop(agent);
+}
