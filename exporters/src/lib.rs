@@ -1,9 +1,8 @@
 //! Telemetry sinks. The agent hands them records off the invoke path; each sink batches
 //! and writes in the background, counting what it has to drop.
 //!
-//! Now: [`jsonl`], Lambda Telemetry API-shaped platform events as JSON lines, and
-//! [`otlp`], function logs and platform events as OTLP log records over HTTP/protobuf.
-//! OTLP metrics and traces come next, behind the same non-blocking hand-over.
+//! [`jsonl`]: Lambda Telemetry API-shaped platform events as JSON lines. [`otlp`]: metrics,
+//! invocation traces and logs over OTLP (HTTP/protobuf or gRPC), with an optional spool.
 
 #![warn(missing_docs)]
 

@@ -4,7 +4,9 @@
 //! Layout: [`config`] (validated `sandscope.toml`), [`drivers`] (how sandboxes start and
 //! end), [`link`] (the agent's end of a probe link), [`pool`] (sandboxes and warm
 //! pools), [`agent`] (the invoke path), [`recorder`] (samples → histograms, off the
-//! invoke path), [`api`] (HTTP), plus host views from [`procfs`] and [`cgroup`].
+//! invoke path), [`series`] (per-sandbox series for metric export), [`telemetry`] (OTLP
+//! wiring: log forwarding, the metrics task, invocation spans), [`api`] (HTTP), plus host
+//! views from [`procfs`] and [`cgroup`].
 
 #![warn(missing_docs)]
 
