@@ -241,6 +241,7 @@ impl Agent {
             cfg.rules.clone(),
             cfg.rules_file.clone(),
             logs.subscribe(),
+            otlp.as_ref().and_then(|o| o.logs.clone()),
         )?;
         let agent = Arc::new(Agent {
             cfg,

@@ -675,3 +675,49 @@ async fn a_collector_outage_is_spooled_to_disk_and_delivered_after_collector_and
     );
     assert_eq!(telemetry(&b, "dropped").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_otlp_alert_action_sends_the_alarm_transition_as_a_warn_log_record() {
+    if !common::can_run() {
+        return;
+    }
+    let Some(bin) = rotel() else { return };
+    let r = start_rotel(&bin);
+    let a = start_more(
+        &[func("hello", HELLO, "")],
+        "",
+        &format!(
+            "\n[otlp]\nendpoint = \"http://127.0.0.1:{}\"\ninterval_s = 0.05\n\
+             [otlp.metrics]\nenabled = false\n\
+             [[rules]]\nname = \"oops\"\npattern = \"oops-marker\"\nsource = \"stderr\"\n\
+             [rules.alarm]\nthreshold = 1\nwindow_s = 0.2\n[[rules.actions]]\nkind = \"otlp\"\n",
+            r.http
+        ),
+    )
+    .await;
+    let resp = a.invoke("hello", "{}").await;
+    assert_eq!(resp.status, 200);
+    let recs = until(&r.logs, "the ALARM record", |v| {
+        v.iter()
+            .any(|l| l["attributes"]["sandscope.alert.state"] == "ALARM")
+    })
+    .await;
+    let rec = recs
+        .iter()
+        .find(|l| l["attributes"]["sandscope.alert.state"] == "ALARM")
+        .unwrap();
+    assert_eq!(rec["severity_text"], "WARN", "{rec}");
+    assert_eq!(rec["severity_number"], 13);
+    assert_eq!(rec["attributes"]["sandscope.alert.rule"], "oops");
+    assert_eq!(rec["attributes"]["faas.name"], "hello");
+    assert_eq!(rec["attributes"]["faas.instance"], resp.sandbox.as_str());
+    assert!(
+        rec["body"].as_str().unwrap().starts_with("ALARM oops: "),
+        "{rec}"
+    );
+    let alerts = a.get("/v1/alerts").await;
+    assert!(
+        alerts["counters"]["otlp_actions"].as_u64().unwrap() >= 1,
+        "{alerts}"
+    );
+}

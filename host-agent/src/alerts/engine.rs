@@ -38,6 +38,8 @@ pub struct AlertCounters {
     pub transitions: AtomicU64,
     /// Log actions written.
     pub log_actions: AtomicU64,
+    /// `otlp` actions handed to the OTLP log export.
+    pub otlp_actions: AtomicU64,
     /// Webhook POSTs that got a 2xx.
     pub webhook_sent: AtomicU64,
     /// Webhook attempts that failed (each retry counts).
@@ -61,6 +63,7 @@ impl AlertCounters {
             "lines_dropped": g(&self.lines_dropped),
             "transitions": g(&self.transitions),
             "log_actions": g(&self.log_actions),
+            "otlp_actions": g(&self.otlp_actions),
             "webhook_sent": g(&self.webhook_sent),
             "webhook_failures": g(&self.webhook_failures),
             "webhook_gave_up": g(&self.webhook_gave_up),
@@ -95,7 +98,33 @@ pub struct Engine {
     counters: Arc<AlertCounters>,
     last_reload: Mutex<Option<ReloadStatus>>,
     actions: mpsc::Sender<Delivery>,
+    /// Where `otlp` actions go (the agent's OTLP log export), if it is on.
+    otlp: Option<exporters::otlp::Exporter<exporters::otlp::LogsEncoder>>,
     stopped: AtomicBool,
+}
+
+/// `otlp` actions need the agent's OTLP log export: say so at load instead of dropping
+/// every transition later.
+fn check_otlp_actions(set: &RuleSet, have_otlp: bool) -> Result<(), RulesError> {
+    if have_otlp {
+        return Ok(());
+    }
+    match set
+        .rules()
+        .iter()
+        .find(|r| r.actions.contains(&Action::Otlp))
+    {
+        None => Ok(()),
+        Some(r) => Err(RulesError::Invalid {
+            path: r.origin.clone(),
+            key: "actions".into(),
+            reason: format!(
+                "rule `{}` has an `otlp` action but OTLP log export is off; add an [otlp] \
+                 table (logs enabled) or --otlp-endpoint",
+                r.name
+            ),
+        }),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -112,12 +141,14 @@ impl Engine {
         inline: Vec<Rule>,
         rules_file: Option<PathBuf>,
         logs: broadcast::Receiver<LogLine>,
+        otlp: Option<exporters::otlp::Exporter<exporters::otlp::LogsEncoder>>,
     ) -> Result<Arc<Engine>, RulesError> {
         let mut rules = inline.clone();
         if let Some(p) = &rules_file {
             rules.extend(load_rules(p)?);
         }
         let set = RuleSet::new(rules)?;
+        check_otlp_actions(&set, otlp.is_some())?;
         let (tx, rx) = mpsc::channel(ACTION_QUEUE);
         let counters = Arc::new(AlertCounters::default());
         let engine = Arc::new(Engine {
@@ -127,6 +158,7 @@ impl Engine {
             counters: counters.clone(),
             last_reload: Mutex::new(None),
             actions: tx,
+            otlp,
             stopped: AtomicBool::new(false),
         });
         tokio::spawn(run(Arc::downgrade(&engine), logs));
@@ -147,12 +179,14 @@ impl Engine {
     /// Re-read the rules file. On error the old rules stay active; the error is returned,
     /// logged and shown in the feed.
     pub fn reload(&self) -> Result<usize, RulesError> {
-        let res = (|| {
+        let res = (|| -> Result<RuleSet, RulesError> {
             let mut rules = self.inline.clone();
             if let Some(p) = &self.rules_file {
                 rules.extend(load_rules(p)?);
             }
-            RuleSet::new(rules)
+            let set = RuleSet::new(rules)?;
+            check_otlp_actions(&set, self.otlp.is_some())?;
+            Ok(set)
         })();
         let at_ms = now_ms();
         let status = match res {
@@ -265,6 +299,17 @@ impl Engine {
                             f.sandbox,
                         );
                     }
+                    Action::Otlp => match &self.otlp {
+                        Some(e) => {
+                            self.counters.otlp_actions.fetch_add(1, Ordering::Relaxed);
+                            e.send(otlp_record(&f));
+                        }
+                        None => {
+                            self.counters
+                                .actions_dropped
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
                     Action::Webhook { url, retries } => {
                         let d = Delivery {
                             url: url.clone(),
@@ -284,6 +329,43 @@ impl Engine {
 }
 
 /// The JSON a webhook receives.
+/// The OTLP log record of one alarm transition: WARN when it enters ALARM, INFO otherwise;
+/// the rule, states, value and the function/sandbox of the last matching line as
+/// attributes.
+pub fn otlp_record(f: &Fired) -> exporters::otlp::LogRecordIn {
+    let t = &f.transition;
+    let value = t.value.map_or("none".into(), |v| v.to_string());
+    let mut attributes = vec![
+        ("sandscope.alert.rule", f.rule.clone()),
+        ("sandscope.alert.state", t.to.to_string()),
+        ("sandscope.alert.previous_state", t.from.to_string()),
+        ("sandscope.alert.value", value.clone()),
+        ("sandscope.log.stream", "alert".to_string()),
+    ];
+    if !f.function.is_empty() {
+        attributes.push(("faas.name", f.function.clone()));
+    }
+    if !f.sandbox.is_empty() {
+        attributes.push(("faas.instance", f.sandbox.clone()));
+    }
+    exporters::otlp::LogRecordIn {
+        time_unix_nano: t.at_ms.saturating_mul(1_000_000),
+        severity: if t.to == super::AlarmState::Alarm {
+            exporters::otlp::Severity::Warn
+        } else {
+            exporters::otlp::Severity::Info
+        },
+        body: format!(
+            "ALARM {}: {} -> {} (value {value} {}, threshold {} {}; {})",
+            f.rule, t.from, t.to, f.unit, f.comparison, f.threshold, t.reason
+        ),
+        attributes,
+        trace_id: None,
+        span_id: None,
+    }
+}
+
+/// The JSON a webhook action posts.
 pub fn webhook_body(f: &Fired) -> serde_json::Value {
     serde_json::json!({
         "rule": f.rule,
@@ -403,5 +485,71 @@ async fn deliver(mut rx: mpsc::Receiver<Delivery>, counters: Arc<AlertCounters>)
             );
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OTLP_RULE: &str = "[[rules]]\nname = 'oops'\npattern = 'oops'\n[rules.alarm]\n\
+                             threshold = 1\n[[rules.actions]]\nkind = 'otlp'\n";
+
+    #[tokio::test]
+    async fn otlp_actions_without_otlp_log_export_are_refused_at_load_and_reload() {
+        let rules = super::super::rules::parse_rules(OTLP_RULE, "r.toml").unwrap();
+        let (tx, _) = broadcast::channel(4);
+        let e = Engine::start(rules.clone(), None, tx.subscribe(), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("r.toml") && msg.contains("`oops`") && msg.contains("[otlp]"),
+            "{msg}"
+        );
+        // A rules file gaining an otlp action is refused at reload; the old rules stay.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rules.toml");
+        std::fs::write(&file, "[[rules]]\nname = 'fine'\npattern = 'x'\n").unwrap();
+        let engine = Engine::start(Vec::new(), Some(file.clone()), tx.subscribe(), None).unwrap();
+        std::fs::write(&file, OTLP_RULE).unwrap();
+        assert!(engine
+            .reload()
+            .unwrap_err()
+            .to_string()
+            .contains("OTLP log export is off"));
+        assert_eq!(engine.lock().rules()[0].name, "fine");
+        engine.stop();
+    }
+
+    #[test]
+    fn an_alarm_transition_becomes_a_warn_record_naming_rule_states_and_sandbox() {
+        let f = Fired {
+            rule: "oops".into(),
+            function: "hello".into(),
+            sandbox: "hello-1".into(),
+            samples: vec![],
+            unit: "Count".into(),
+            threshold: 1.0,
+            comparison: ">=",
+            transition: super::super::alarm::Transition {
+                from: super::super::AlarmState::Ok,
+                to: super::super::AlarmState::Alarm,
+                at_ms: 5,
+                value: Some(3.0),
+                reason: "1 of 1 periods breached".into(),
+            },
+            index: 0,
+        };
+        let r = otlp_record(&f);
+        assert_eq!(r.severity, exporters::otlp::Severity::Warn);
+        assert_eq!(r.time_unix_nano, 5_000_000);
+        assert!(
+            r.body.starts_with("ALARM oops: OK -> ALARM (value 3"),
+            "{}",
+            r.body
+        );
+        assert!(r.attributes.contains(&("faas.instance", "hello-1".into())));
+        assert!(r
+            .attributes
+            .contains(&("sandscope.alert.state", "ALARM".into())));
     }
 }

@@ -68,7 +68,7 @@ pub struct RawAlarm {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAction {
-    /// `log`, `webhook` (`otlp` is not available in this build).
+    /// `log`, `webhook`, `otlp` (an OTLP log record through the agent's log export).
     pub kind: String,
     /// Webhook URL.
     pub url: Option<String>,
@@ -116,11 +116,14 @@ pub enum Action {
     Log,
     /// An HTTP POST with a JSON body.
     Webhook {
-        /// `http://...` URL.
+        /// `http://...` or `https://...` URL.
         url: String,
         /// Retries after the first attempt.
         retries: u32,
     },
+    /// An OTLP log record (WARN on ALARM, INFO otherwise) through the agent's OTLP log
+    /// export, so the backend sees the transition next to the lines that caused it.
+    Otlp,
 }
 
 /// Units accepted (CloudWatch's names).
@@ -372,16 +375,15 @@ impl Rule {
                     let url = a.url.clone().ok_or_else(|| {
                         invalid(&k("url"), "missing: webhook actions need a url".into())
                     })?;
-                    if url.starts_with("https://") {
-                        return Err(invalid(
-                            &k("url"),
-                            "https webhooks are not available in this build (no TLS); use http://"
-                                .into(),
-                        ));
-                    }
-                    let rest = url.strip_prefix("http://").ok_or_else(|| {
-                        invalid(&k("url"), format!("`{url}` is not an http:// URL"))
-                    })?;
+                    let rest = url
+                        .strip_prefix("http://")
+                        .or_else(|| url.strip_prefix("https://"))
+                        .ok_or_else(|| {
+                            invalid(
+                                &k("url"),
+                                format!("`{url}` is not an http:// or https:// URL"),
+                            )
+                        })?;
                     if rest.is_empty() || rest.starts_with('/') || url.contains(char::is_whitespace)
                     {
                         return Err(invalid(&k("url"), format!("`{url}` has no host")));
@@ -396,21 +398,22 @@ impl Rule {
                     Action::Webhook { url, retries }
                 }
                 "otlp" => {
-                    return Err(invalid(
-                        &k("kind"),
-                        "`otlp` actions are not available in this build (no OTLP exporter yet); \
-                         use log or webhook"
-                            .into(),
-                    ))
+                    if a.url.is_some() {
+                        return Err(invalid(
+                            &k("url"),
+                            "otlp actions use the agent's [otlp] log export; remove url".into(),
+                        ));
+                    }
+                    Action::Otlp
                 }
                 other => {
                     return Err(invalid(
                         &k("kind"),
-                        format!("unknown action kind `{other}` (expected log or webhook)"),
+                        format!("unknown action kind `{other}` (expected log, webhook or otlp)"),
                     ))
                 }
             };
-            if a.retries.is_some() && act == Action::Log {
+            if a.retries.is_some() && !matches!(act, Action::Webhook { .. }) {
                 return Err(invalid(&k("retries"), "only webhook actions retry".into()));
             }
             actions.push(act);
@@ -540,9 +543,9 @@ mod tests {
                 "between",
             ),
             (
-                "pattern = 'a'\n[rules.alarm]\nthreshold = 1\n[[rules.actions]]\nkind = 'otlp'",
-                "rules[0].actions[0].kind",
-                "not available in this build",
+                "pattern = 'a'\n[rules.alarm]\nthreshold = 1\n[[rules.actions]]\nkind = 'otlp'\nurl = 'http://x'",
+                "rules[0].actions[0].url",
+                "remove url",
             ),
             (
                 "pattern = 'a'\n[rules.alarm]\nthreshold = 1\n[[rules.actions]]\nkind = 'webhook'",
@@ -550,9 +553,9 @@ mod tests {
                 "missing",
             ),
             (
-                "pattern = 'a'\n[rules.alarm]\nthreshold = 1\n[[rules.actions]]\nkind = 'webhook'\nurl = 'https://x'",
+                "pattern = 'a'\n[rules.alarm]\nthreshold = 1\n[[rules.actions]]\nkind = 'webhook'\nurl = 'ftp://x'",
                 "rules[0].actions[0].url",
-                "https",
+                "not an http:// or https:// URL",
             ),
             ("pattern = 'a'\n[[rules.actions]]\nkind = 'log'", "rules[0].actions[0].kind", "alarm"),
         ];
