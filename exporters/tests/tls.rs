@@ -62,11 +62,11 @@ fn make_certs(dir: &std::path::Path) -> Option<[std::path::PathBuf; 3]> {
     Some([p("ca.pem"), p("cert.pem"), p("key.pem")])
 }
 
+/// Requests a test server received: (lower-cased head, body).
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// An HTTPS server answering 200 to every request; returns its port and what it got.
-async fn serve(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> (u16, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+async fn serve(cert: &std::path::Path, key: &std::path::Path) -> (u16, Received) {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .unwrap()
         .map(|c| c.unwrap())
@@ -83,7 +83,7 @@ async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
-    let got: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let got: Received = Arc::default();
     let g = got.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {

@@ -649,76 +649,77 @@ impl Agent {
                 }
                 sb
             }
-            None => match {
+            None => {
                 boot_offset_us = us(t0.elapsed());
-                self.boot(&pool).await
-            } {
-                Ok(sb) => {
-                    sample.cold = true;
-                    sample.phases_us[Phase::Spawn as usize] = sb.boot.spawn_us;
-                    sample.phases_us[Phase::ProbeInit as usize] = sb.boot.probe_init_us;
-                    if let Some(v) = sb.boot.vmm_setup_us {
-                        sample.phases_us[Phase::VmmSetup as usize] = v;
+                let booted = self.boot(&pool).await;
+                match booted {
+                    Ok(sb) => {
+                        sample.cold = true;
+                        sample.phases_us[Phase::Spawn as usize] = sb.boot.spawn_us;
+                        sample.phases_us[Phase::ProbeInit as usize] = sb.boot.probe_init_us;
+                        if let Some(v) = sb.boot.vmm_setup_us {
+                            sample.phases_us[Phase::VmmSetup as usize] = v;
+                        }
+                        if let Some(k) = sb.boot.kernel_us {
+                            sample.phases_us[Phase::Kernel as usize] = k;
+                        }
+                        sample.phases_us[Phase::RuntimeInit as usize] = sb.boot.runtime_init_us;
+                        sb
                     }
-                    if let Some(k) = sb.boot.kernel_us {
-                        sample.phases_us[Phase::Kernel as usize] = k;
+                    Err(BootFailure::Platform(msg)) => {
+                        sample.outcome = Outcome::PlatformError;
+                        sample.total_us = us(t0.elapsed());
+                        self.recorder.record(sample);
+                        self.send_spans(
+                            &span,
+                            &pool.spec.name,
+                            "",
+                            &sample,
+                            (started_unix_nano, boot_offset_us, 0),
+                            Some("Sandbox.StartFailed"),
+                            None,
+                        );
+                        drop(permit);
+                        return Err(InvokeError::Platform(msg));
                     }
-                    sample.phases_us[Phase::RuntimeInit as usize] = sb.boot.runtime_init_us;
-                    sb
+                    Err(BootFailure::Init(msg)) => {
+                        let log_tail = opts
+                            .log_tail
+                            .then(|| tail_of(format!("INIT_REPORT Status: error\t{msg}\n")));
+                        sample.cold = true;
+                        sample.outcome = Outcome::FunctionError;
+                        sample.total_us = us(t0.elapsed());
+                        self.recorder.record(sample);
+                        drop(permit);
+                        let invoke_id = self.new_invoke_id();
+                        self.send_spans(
+                            &span,
+                            &pool.spec.name,
+                            &invoke_id,
+                            &sample,
+                            (started_unix_nano, boot_offset_us, 0),
+                            Some("Runtime.InitError"),
+                            None,
+                        );
+                        return Ok(Invocation {
+                            invoke_id,
+                            function: pool.spec.name.clone(),
+                            sandbox_id: String::new(),
+                            cold: true,
+                            status: Status::FunctionError,
+                            payload: Vec::new(),
+                            error_type: "Runtime.InitError".into(),
+                            error_message: msg,
+                            total_us: sample.total_us,
+                            init_us: None,
+                            phases: BTreeMap::new(),
+                            max_rss_kib: 0,
+                            cpu_us: 0,
+                            log_tail,
+                        });
+                    }
                 }
-                Err(BootFailure::Platform(msg)) => {
-                    sample.outcome = Outcome::PlatformError;
-                    sample.total_us = us(t0.elapsed());
-                    self.recorder.record(sample);
-                    self.send_spans(
-                        &span,
-                        &pool.spec.name,
-                        "",
-                        &sample,
-                        (started_unix_nano, boot_offset_us, 0),
-                        Some("Sandbox.StartFailed"),
-                        None,
-                    );
-                    drop(permit);
-                    return Err(InvokeError::Platform(msg));
-                }
-                Err(BootFailure::Init(msg)) => {
-                    let log_tail = opts
-                        .log_tail
-                        .then(|| tail_of(format!("INIT_REPORT Status: error\t{msg}\n")));
-                    sample.cold = true;
-                    sample.outcome = Outcome::FunctionError;
-                    sample.total_us = us(t0.elapsed());
-                    self.recorder.record(sample);
-                    drop(permit);
-                    let invoke_id = self.new_invoke_id();
-                    self.send_spans(
-                        &span,
-                        &pool.spec.name,
-                        &invoke_id,
-                        &sample,
-                        (started_unix_nano, boot_offset_us, 0),
-                        Some("Runtime.InitError"),
-                        None,
-                    );
-                    return Ok(Invocation {
-                        invoke_id,
-                        function: pool.spec.name.clone(),
-                        sandbox_id: String::new(),
-                        cold: true,
-                        status: Status::FunctionError,
-                        payload: Vec::new(),
-                        error_type: "Runtime.InitError".into(),
-                        error_message: msg,
-                        total_us: sample.total_us,
-                        init_us: None,
-                        phases: BTreeMap::new(),
-                        max_rss_kib: 0,
-                        cpu_us: 0,
-                        log_tail,
-                    });
-                }
-            },
+            }
         };
         sb.count_invocation();
         sample.sandbox = sb.serial;
@@ -1122,6 +1123,7 @@ impl Agent {
     /// Put Lambda-style platform lines for one invocation on the log bus (stream
     /// `platform`): `COLDSTART ...` when cold, `Task timed out ...` / `Runtime.OutOfMemory
     /// ...` on those outcomes, then `REPORT ...`. Broadcast sends never block.
+    #[allow(clippy::too_many_arguments)]
     fn emit_platform(
         &self,
         spec: &FunctionSpec,

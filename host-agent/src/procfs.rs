@@ -110,6 +110,18 @@ fn read_trim(p: impl AsRef<Path>) -> String {
         .unwrap_or_default()
 }
 
+/// The host CPU's model name (`/proc/cpuinfo`), empty if unknown.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "model name").then(|| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,16 +149,4 @@ mod tests {
         assert_eq!(rss_bytes(u32::MAX), 0);
         assert!(host_mem().total_bytes > 0);
     }
-}
-
-/// The host CPU's model name (`/proc/cpuinfo`), empty if unknown.
-pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == "model name").then(|| v.trim().to_string())
-        })
-        .unwrap_or_default()
 }
