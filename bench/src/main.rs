@@ -6,6 +6,7 @@
 
 mod agent_bench;
 mod floor;
+mod otlp_bench;
 mod recorder_bench;
 mod ssh_bench;
 mod stats;
@@ -115,6 +116,12 @@ struct Cli {
     /// Seconds per `throughput` row.
     #[arg(long, global = true, default_value_t = 5.0)]
     secs: f64,
+    /// Timed warm invocations per variant / collector state for `otlp`.
+    #[arg(long, global = true, default_value_t = 2_000)]
+    otlp_invokes: usize,
+    /// Alternating rounds the `otlp` up/down/off latency series is split into.
+    #[arg(long, global = true, default_value_t = 4)]
+    otlp_rounds: usize,
 }
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,9 +141,15 @@ enum Cmd {
     /// SSH into a live sandbox vs a local sshd: `ssh true`, first prompt byte, keystroke
     /// echo (needs openssh-client; openssh-server for the baseline).
     Ssh,
+    /// OTLP export cost: agent CPU per 1k invocations with OTLP off vs on (HTTP, gRPC), and
+    /// warm invoke p50 with the collector up vs down (needs rotel: pip install rotel).
+    Otlp,
     /// Everything above except vmboot, in that order (recorder first, before any runtime
-    /// exists).
+    /// exists); `otlp` is skipped with a note when rotel is not installed.
     All,
+    /// The `otlp` load client (run by `otlp` itself in a child process).
+    #[command(hide = true)]
+    OtlpClient,
 }
 
 fn run(cli: &Cli) -> anyhow::Result<(sys::Machine, Vec<stats::Table>)> {
@@ -183,7 +196,11 @@ fn run(cli: &Cli) -> anyhow::Result<(sys::Machine, Vec<stats::Table>)> {
     if cli.cmd == Cmd::Ssh {
         emit(&mut tables, ssh_bench::ssh(cli.runs, cli.keystrokes)?);
     }
-    let needs_work = all || matches!(cli.cmd, Cmd::Coldstart | Cmd::Warm | Cmd::Throughput);
+    let needs_work = all
+        || matches!(
+            cli.cmd,
+            Cmd::Coldstart | Cmd::Warm | Cmd::Throughput | Cmd::Otlp
+        );
     if needs_work {
         if !host_agent::util::is_root() {
             anyhow::bail!("the agent benchmarks need root (namespace sandboxes, cgroups)");
@@ -217,12 +234,41 @@ fn run(cli: &Cli) -> anyhow::Result<(sys::Machine, Vec<stats::Table>)> {
                 agent_bench::throughput(&work, &cli.sandboxes, cli.callers_per_sandbox, cli.secs)?,
             );
         }
+        if all || cli.cmd == Cmd::Otlp {
+            let params = otlp_bench::Params {
+                invokes: cli.otlp_invokes,
+                rounds: cli.otlp_rounds,
+                floor_rounds: cli.rounds.min(20_000),
+            };
+            match otlp_bench::rotel_bin() {
+                Some(bin) => emit(&mut tables, otlp_bench::run(&work, &bin, params)?),
+                None if all => {
+                    let mut t = stats::Table::new("OTLP export cost: skipped", &["reason"]);
+                    t.row(vec![
+                        "rotel not installed (python3 -m pip install rotel==0.0.1a15)".into(),
+                    ]);
+                    emit(&mut tables, vec![t]);
+                }
+                None => anyhow::bail!(
+                    "`otlp` needs the rotel collector: python3 -m pip install rotel==0.0.1a15"
+                ),
+            }
+        }
     }
     Ok((machine, tables))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.cmd == Cmd::OtlpClient {
+        return match otlp_bench::client_main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sandscope-bench otlp-client: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&cli) {
         Ok((machine, tables)) => {
             if cli.json {

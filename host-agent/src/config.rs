@@ -381,24 +381,6 @@ fn protocol(v: Option<&str>, key: &str) -> Result<exporters::otlp::Protocol, (St
     }
 }
 
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for c in input.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// Validate `[otlp]` (also used for the `--otlp-*` flags). `env` looks up environment
 /// variables (the presets' keys).
 pub fn otlp_settings(
@@ -443,7 +425,7 @@ pub fn otlp_settings(
                 match (env(GRAFANA_USER_ENV), env(GRAFANA_TOKEN_ENV)) {
                     (Some(u), Some(t)) => headers.push((
                         "authorization".into(),
-                        format!("Basic {}", base64(format!("{}:{}", u.trim(), t.trim()).as_bytes())),
+                        format!("Basic {}", crate::util::base64(format!("{}:{}", u.trim(), t.trim()).as_bytes())),
                     )),
                     (None, None) => {}
                     _ => {
@@ -1049,7 +1031,7 @@ mod tests {
             t.headers,
             vec![(
                 "authorization".to_string(),
-                format!("Basic {}", base64(b"123456:glc_tok"))
+                format!("Basic {}", crate::util::base64(b"123456:glc_tok"))
             )]
         );
         assert_eq!(t.temporality, exporters::otlp::Temporality::Cumulative);
@@ -1064,9 +1046,6 @@ mod tests {
             .unwrap()
             .headers
             .is_empty());
-        assert_eq!(base64(b"Man"), "TWFu");
-        assert_eq!(base64(b"Ma"), "TWE=");
-        assert_eq!(base64(b"M"), "TQ==");
     }
 
     #[test]

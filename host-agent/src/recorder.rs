@@ -287,49 +287,34 @@ fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid")
 }
 
-struct FnAgg {
-    name: String,
-    invocations: u64,
-    coldstarts: u64,
-    errors: u64,
-    timeouts: u64,
-    oom: u64,
-    platform: u64,
-    throttles: u64,
-    warm: Histogram<u64>,
-    cold: Histogram<u64>,
-    init: Histogram<u64>,
-    phases: Vec<Histogram<u64>>,
-    rss: Histogram<u64>,
-    last_cold: Option<[u64; PHASES.len()]>,
+/// Invocation counts by outcome: the per-function aggregate's and each sandbox series'.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    /// Invocations (all outcomes but throttles).
+    pub invocations: u64,
+    /// Cold starts.
+    pub coldstarts: u64,
+    /// Function errors, timeouts and OOM kills.
+    pub errors: u64,
+    /// Timeouts.
+    pub timeouts: u64,
+    /// OOM kills.
+    pub oom: u64,
+    /// The sandbox could not be started or the link broke.
+    pub platform: u64,
+    /// Rejected for lack of capacity.
+    pub throttles: u64,
 }
 
-impl FnAgg {
-    fn new(name: String) -> Self {
-        Self {
-            name,
-            invocations: 0,
-            coldstarts: 0,
-            errors: 0,
-            timeouts: 0,
-            oom: 0,
-            platform: 0,
-            throttles: 0,
-            warm: hist(),
-            cold: hist(),
-            init: hist(),
-            phases: (0..PHASES.len()).map(|_| hist()).collect(),
-            rss: hist(),
-            last_cold: None,
-        }
-    }
-
-    fn add(&mut self, s: &Sample) {
+impl Counts {
+    /// Count `s`; false when it was throttled (not an invocation: nothing else to record).
+    pub fn add(&mut self, s: &Sample) -> bool {
         if s.outcome == Outcome::Throttled {
             self.throttles += 1;
-            return;
+            return false;
         }
         self.invocations += 1;
+        self.coldstarts += u64::from(s.cold);
         match s.outcome {
             Outcome::FunctionError => self.errors += 1,
             Outcome::Timeout => {
@@ -343,9 +328,41 @@ impl FnAgg {
             Outcome::PlatformError => self.platform += 1,
             Outcome::Ok | Outcome::Throttled => {}
         }
+        true
+    }
+}
+
+struct FnAgg {
+    name: String,
+    counts: Counts,
+    warm: Histogram<u64>,
+    cold: Histogram<u64>,
+    init: Histogram<u64>,
+    phases: Vec<Histogram<u64>>,
+    rss: Histogram<u64>,
+    last_cold: Option<[u64; PHASES.len()]>,
+}
+
+impl FnAgg {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            counts: Counts::default(),
+            warm: hist(),
+            cold: hist(),
+            init: hist(),
+            phases: (0..PHASES.len()).map(|_| hist()).collect(),
+            rss: hist(),
+            last_cold: None,
+        }
+    }
+
+    fn add(&mut self, s: &Sample) {
+        if !self.counts.add(s) {
+            return;
+        }
         let total = s.total_us.max(1);
         if s.cold {
-            self.coldstarts += 1;
             self.cold.saturating_record(total);
             if let Some(i) = s.init_us() {
                 self.init.saturating_record(i.max(1));
@@ -367,13 +384,13 @@ impl FnAgg {
     fn stats(&self) -> FunctionStats {
         FunctionStats {
             name: self.name.clone(),
-            invocations: self.invocations,
-            coldstarts: self.coldstarts,
-            errors: self.errors,
-            timeouts: self.timeouts,
-            oom_kills: self.oom,
-            platform_errors: self.platform,
-            throttles: self.throttles,
+            invocations: self.counts.invocations,
+            coldstarts: self.counts.coldstarts,
+            errors: self.counts.errors,
+            timeouts: self.counts.timeouts,
+            oom_kills: self.counts.oom,
+            platform_errors: self.counts.platform,
+            throttles: self.counts.throttles,
             warm: dist(&self.warm),
             cold: dist(&self.cold),
             warm_buckets: log2_buckets(&self.warm),

@@ -9,7 +9,7 @@
 //! then forgotten. Invocations that reached no sandbox (throttled, failed to start) go to
 //! one series per function without `faas.instance`, so sums over series stay exact.
 
-use crate::recorder::{Outcome, Sample, NO_PHASE, PHASES};
+use crate::recorder::{Counts, Sample, NO_PHASE, PHASES};
 use exporters::otlp::attrs::{AttrValue, Attrs};
 use exporters::otlp::metrics::{
     bucketize, HistPoint, MetricIn, Point, Points, ResourceIn, DURATION_BOUNDS_S, MEMORY_BOUNDS_BY,
@@ -104,12 +104,7 @@ fn record(slot: &mut Option<Hist>, v: u64) {
 struct Series {
     meta: Option<Arc<SandboxMeta>>,
     ended: bool,
-    invocations: u64,
-    coldstarts: u64,
-    errors: u64,
-    timeouts: u64,
-    platform_errors: u64,
-    throttles: u64,
+    counts: Counts,
     /// Warm, cold.
     invoke: [Option<Hist>; 2],
     init: Option<Hist>,
@@ -120,25 +115,11 @@ struct Series {
 
 impl Series {
     fn add(&mut self, s: &Sample) {
-        if s.outcome == Outcome::Throttled {
-            self.throttles += 1;
+        if !self.counts.add(s) {
             return;
         }
-        self.invocations += 1;
-        match s.outcome {
-            Outcome::FunctionError | Outcome::OutOfMemory => self.errors += 1,
-            Outcome::Timeout => {
-                self.errors += 1;
-                self.timeouts += 1;
-            }
-            Outcome::PlatformError => self.platform_errors += 1,
-            Outcome::Ok | Outcome::Throttled => {}
-        }
-        if s.cold {
-            self.coldstarts += 1;
-            if let Some(i) = s.init_us() {
-                record(&mut self.init, i.max(1));
-            }
+        if let Some(i) = s.init_us() {
+            record(&mut self.init, i.max(1));
         }
         record(&mut self.invoke[usize::from(s.cold)], s.total_us.max(1));
         for (slot, v) in self.phases.iter_mut().zip(s.phases_us) {
@@ -176,25 +157,25 @@ impl Series {
                 "faas.invocations",
                 "Invocations (all outcomes but throttles)",
                 "{invocation}",
-                self.invocations,
+                self.counts.invocations,
             ),
             counter(
                 "faas.coldstarts",
                 "Invocations that started a sandbox",
                 "{coldstart}",
-                self.coldstarts,
+                self.counts.coldstarts,
             ),
             counter(
                 "faas.errors",
                 "Failed invocations (function errors, timeouts, OOM kills)",
                 "{error}",
-                self.errors,
+                self.counts.errors,
             ),
             counter(
                 "faas.timeouts",
                 "Invocations that hit their timeout",
                 "{timeout}",
-                self.timeouts,
+                self.counts.timeouts,
             ),
         ];
         if self.meta.is_none() {
@@ -202,13 +183,13 @@ impl Series {
                 "sandscope.platform_errors",
                 "Invocations whose sandbox could not be started",
                 "{error}",
-                self.platform_errors,
+                self.counts.platform,
             ));
             metrics.push(counter(
                 "sandscope.throttles",
                 "Requests rejected for lack of capacity",
                 "{request}",
-                self.throttles,
+                self.counts.throttles,
             ));
         }
         let hist = |name, description, unit, points: Vec<HistPoint>| MetricIn {
@@ -355,7 +336,7 @@ impl AllSeries {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recorder::Phase;
+    use crate::recorder::{Outcome, Phase};
 
     fn meta(serial: u32) -> Arc<SandboxMeta> {
         Arc::new(SandboxMeta {

@@ -65,34 +65,29 @@ impl Otlp {
         })
     }
 
-    /// `(signal, dropped)` per running exporter, for `/v1/stats` and the telemetry metric.
-    pub fn dropped(&self) -> Vec<(&'static str, u64)> {
-        let mut d = Vec::new();
+    /// `(signal, dropped, spooled)` per running exporter.
+    fn counts(&self) -> Vec<(&'static str, u64, u64)> {
+        let mut c = Vec::new();
         if let Some(e) = &self.logs {
-            d.push(("otlp_logs", e.dropped()));
+            c.push(("otlp_logs", e.dropped(), e.spooled()));
         }
         if let Some(e) = &self.traces {
-            d.push(("otlp_traces", e.dropped()));
+            c.push(("otlp_traces", e.dropped(), e.spooled()));
         }
         if let Some(e) = &self.metrics {
-            d.push(("otlp_metrics", e.dropped()));
+            c.push(("otlp_metrics", e.dropped(), e.spooled()));
         }
-        d
+        c
+    }
+
+    /// `(signal, dropped)` per running exporter, for `/v1/stats` and the telemetry metric.
+    pub fn dropped(&self) -> Vec<(&'static str, u64)> {
+        self.counts().into_iter().map(|(s, d, _)| (s, d)).collect()
     }
 
     /// `(signal, records waiting in the spool)` per running exporter.
     pub fn spooled(&self) -> Vec<(&'static str, u64)> {
-        let mut d = Vec::new();
-        if let Some(e) = &self.logs {
-            d.push(("otlp_logs", e.spooled()));
-        }
-        if let Some(e) = &self.traces {
-            d.push(("otlp_traces", e.spooled()));
-        }
-        if let Some(e) = &self.metrics {
-            d.push(("otlp_metrics", e.spooled()));
-        }
-        d
+        self.counts().into_iter().map(|(s, _, n)| (s, n)).collect()
     }
 
     /// Send what is queued (to the backend, else to the spool), within `within` each.

@@ -1,7 +1,7 @@
 //! Attribute values as the agent hands them over, and their OTLP form (with an optional
 //! value-length limit, as backends such as New Relic impose).
 
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
 /// One attribute value.
@@ -88,6 +88,15 @@ pub fn key_value(key: &str, value: &AttrValue, limit: Option<usize>) -> KeyValue
 /// The OTLP form of a list of attributes.
 pub fn key_values(attrs: &[(String, AttrValue)], limit: Option<usize>) -> Vec<KeyValue> {
     attrs.iter().map(|(k, v)| key_value(k, v, limit)).collect()
+}
+
+/// The instrumentation scope of everything sandscope exports.
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "sandscope".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    }
 }
 
 /// A resource from the agent's base attributes followed by `extra` (a sandbox's).

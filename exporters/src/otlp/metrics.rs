@@ -11,7 +11,6 @@
 use super::attrs::{key_values, resource, AttrValue, Attrs};
 use super::{Encode, Encoded, OtlpConfig, Signal, Temporality};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
     Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
@@ -285,11 +284,7 @@ impl MetricsEncoder {
             out.push(ResourceMetrics {
                 resource: Some(resource(&self.base, &r.attributes, self.limit)),
                 scope_metrics: vec![ScopeMetrics {
-                    scope: Some(InstrumentationScope {
-                        name: "sandscope".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
+                    scope: Some(super::attrs::scope()),
                     metrics,
                     schema_url: String::new(),
                 }],

@@ -29,7 +29,7 @@ pub use spool::SpoolError;
 
 use attrs::truncate;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
@@ -355,11 +355,7 @@ fn encode_limited(
                 ..Default::default()
             }),
             scope_logs: vec![ScopeLogs {
-                scope: Some(InstrumentationScope {
-                    name: "sandscope".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
+                scope: Some(attrs::scope()),
                 log_records,
                 schema_url: String::new(),
             }],
@@ -432,6 +428,7 @@ impl std::ops::Deref for LogsExporter {
 /// request with a settable status (or never, when `hang` is set) and keeps what it got.
 #[cfg(test)]
 pub(crate) mod test_http {
+    use super::{LogRecordIn, Severity};
     use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -449,6 +446,18 @@ pub(crate) mod test_http {
         pub(crate) status: Arc<AtomicU16>,
         pub(crate) hang: Arc<AtomicBool>,
         pub(crate) got: Arc<Mutex<Vec<Got>>>,
+    }
+
+    /// A numbered INFO record.
+    pub(crate) fn rec(i: u64) -> LogRecordIn {
+        LogRecordIn {
+            time_unix_nano: i,
+            severity: Severity::Info,
+            body: format!("line {i}"),
+            attributes: Vec::new(),
+            trace_id: None,
+            span_id: None,
+        }
     }
 
     impl Backend {
@@ -516,7 +525,7 @@ pub(crate) mod test_http {
 
 #[cfg(test)]
 mod tests {
-    use super::test_http::Backend;
+    use super::test_http::{rec, Backend};
     use super::*;
 
     #[test]
@@ -681,17 +690,6 @@ mod tests {
             string(&req.resource_logs[0].scope_logs[0].log_records[0].body).len(),
             10_000
         );
-    }
-
-    pub(crate) fn rec(i: u64) -> LogRecordIn {
-        LogRecordIn {
-            time_unix_nano: i,
-            severity: Severity::Info,
-            body: format!("line {i}"),
-            attributes: Vec::new(),
-            trace_id: None,
-            span_id: None,
-        }
     }
 
     #[test]

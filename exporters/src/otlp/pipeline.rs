@@ -530,22 +530,11 @@ fn source(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_http::Backend;
-    use super::super::{LogRecordIn, LogsEncoder, Severity, SpoolConfig};
+    use super::super::test_http::{rec, Backend};
+    use super::super::{LogsEncoder, SpoolConfig};
     use super::*;
     use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
     use prost::Message;
-
-    fn rec(i: u64) -> LogRecordIn {
-        LogRecordIn {
-            time_unix_nano: i,
-            severity: Severity::Info,
-            body: format!("line {i}"),
-            attributes: Vec::new(),
-            trace_id: None,
-            span_id: None,
-        }
-    }
 
     fn times(body: &[u8]) -> Vec<u64> {
         ExportLogsServiceRequest::decode(body)

@@ -6,7 +6,6 @@
 use super::attrs::{key_values, resource, Attrs};
 use super::{Encode, Encoded, OtlpConfig, Signal};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::trace::v1::{
     span, status, ResourceSpans, ScopeSpans, Span, Status,
 };
@@ -186,11 +185,7 @@ impl Encode for TracesEncoder {
             .map(|inv| ResourceSpans {
                 resource: Some(resource(&self.base, &inv.resource, self.limit)),
                 scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "sandscope".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
+                    scope: Some(super::attrs::scope()),
                     spans: inv.spans.into_iter().map(|s| self.span(s)).collect(),
                     schema_url: String::new(),
                 }],
