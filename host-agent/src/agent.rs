@@ -610,8 +610,11 @@ impl Agent {
         }
         // With trace export on, the invocation gets its own span (a child of the caller's
         // when a valid `traceparent` came in) and the sandbox is handed that span as parent.
-        let span = self.otlp.as_ref().and_then(|o| o.traces.as_ref()).map(|_| {
-            let incoming = TraceContext::parse(&opts.traceparent);
+        // A caller that did not sample its trace (flags bit 0 clear) is passed through as is.
+        let incoming = TraceContext::parse(&opts.traceparent);
+        let sampled = incoming.is_none_or(|c| c.flags & 1 == 1);
+        let traces_on = self.otlp.as_ref().is_some_and(|o| o.traces.is_some());
+        let span = (traces_on && sampled).then(|| {
             let ctx = TraceContext {
                 trace_id: incoming.map_or_else(|| self.rand16(), |c| c.trace_id),
                 span_id: self.rand8(),
@@ -623,7 +626,11 @@ impl Agent {
             Some((ctx, _)) => ctx.header(),
             None => std::mem::take(&mut opts.traceparent),
         };
-        let trace_ids = TraceContext::parse(&traceparent).map(|c| (c.trace_id, c.span_id));
+        let trace_ids = span
+            .as_ref()
+            .map(|(c, _)| c)
+            .or(incoming.as_ref())
+            .map(|c| (c.trace_id, c.span_id));
         let permit = match pool.acquire().await {
             Ok(p) => p,
             Err(e) => {

@@ -410,6 +410,18 @@ async fn invocation_spans_over_grpc_join_the_callers_trace_and_logs_over_http_ca
     assert_eq!(hdr(&h, "x-sandscope-coldstart"), "true");
     let sandbox = hdr(&h, "x-sandscope-sandbox-id");
     let cold_id = hdr(&h, "x-amzn-requestid");
+    // A caller that did not sample its trace: passed through, no spans recorded.
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let (status, _) = invoke_with(
+        &a,
+        "traced",
+        &[(
+            "traceparent",
+            &format!("00-{unsampled}-b7ad6b7169203331-00"),
+        )],
+    )
+    .await;
+    assert_eq!(status, 200);
     let (status, h) = invoke_with(&a, "traced", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(hdr(&h, "x-sandscope-coldstart"), "false");
@@ -474,6 +486,10 @@ async fn invocation_spans_over_grpc_join_the_callers_trace_and_logs_over_http_ca
     assert_eq!(at("runtime_init")["start"], at("probe_init")["end"]);
     assert!(at("invoke")["start"].as_u64() >= at("runtime_init")["end"].as_u64());
 
+    assert!(
+        !spans.iter().any(|s| s["trace_id"] == unsampled),
+        "an unsampled trace records no spans"
+    );
     // The warm one: a new trace, no start-up phases.
     let warm = root_of(&spans, &warm_id).unwrap();
     assert_ne!(warm["trace_id"], caller_trace);
