@@ -111,13 +111,19 @@ pub fn stats(v: &Value) -> String {
             );
         }
     }
-    let dropped = &v["telemetry"]["dropped"];
-    if let Some(d) = dropped.as_object() {
-        let parts: Vec<String> = d
-            .iter()
-            .map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0)))
-            .collect();
-        let _ = writeln!(o, "\nTelemetry dropped: {}", parts.join(", "));
+    let counts = |key: &str| {
+        v["telemetry"][key].as_object().map(|d| {
+            d.iter()
+                .map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    };
+    if let Some(d) = counts("dropped") {
+        let _ = writeln!(o, "\nTelemetry dropped: {d}");
+    }
+    if let Some(d) = counts("spooled").filter(|d| !d.is_empty()) {
+        let _ = writeln!(o, "Telemetry spooled (waiting for the backend): {d}");
     }
     o
 }
