@@ -120,7 +120,7 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 2_000)]
     otlp_invokes: usize,
     /// Alternating rounds the `otlp` up/down/off latency series is split into.
-    #[arg(long, global = true, default_value_t = 4)]
+    #[arg(long, global = true, default_value_t = 8)]
     otlp_rounds: usize,
 }
 

@@ -28,12 +28,18 @@ const HANDLER: &str = "echo line >&2; cat";
 /// Longest a flush of the exporters may take at the end of a measured window.
 const FLUSH: Duration = Duration::from_secs(5);
 
+/// CPU part: rounds the variants take turns in. 4 x 500 exec invocations make segments of
+/// ~1.2 s, about one natural export batch (1 s interval), so the flush that ends each
+/// segment adds little beyond what export costs anyway.
+const CPU_ROUNDS: usize = 4;
+
 /// Sizes of one `otlp` run.
 #[derive(Debug, Clone, Copy)]
 pub struct Params {
     /// Measured warm invocations per variant (CPU part) and per state (latency part).
     pub invokes: usize,
-    /// Latency part: rounds the invocations are split into, alternating the states.
+    /// Latency part: rounds the invocations are split into, alternating the states (the CPU
+    /// part uses [`CPU_ROUNDS`]).
     pub rounds: usize,
     /// Ping-pong round trips for the wake-up floor measured in the same run.
     pub floor_rounds: usize,
@@ -290,7 +296,9 @@ pub fn client_main() -> anyhow::Result<()> {
 #[derive(Debug, Clone, Copy)]
 enum Export {
     Off,
-    Http(u16),
+    /// HTTP/protobuf to this port; gzip or not.
+    Http(u16, bool),
+    /// gRPC (gzip) to this port.
     Grpc(u16),
 }
 
@@ -298,7 +306,8 @@ impl Export {
     fn label(self) -> &'static str {
         match self {
             Export::Off => "OTLP off",
-            Export::Http(_) => "OTLP on, HTTP/protobuf + gzip",
+            Export::Http(_, true) => "OTLP on, HTTP/protobuf + gzip",
+            Export::Http(_, false) => "OTLP on, HTTP/protobuf, no compression",
             Export::Grpc(_) => "OTLP on, gRPC + gzip",
         }
     }
@@ -344,10 +353,10 @@ queue = 100000
 "#,
         state = state.display(),
     );
-    let (protocol, port) = match export {
-        Export::Off => (None, 0),
-        Export::Http(p) => (Some("http"), p),
-        Export::Grpc(p) => (Some("grpc"), p),
+    let (protocol, port, compression) = match export {
+        Export::Off => (None, 0, ""),
+        Export::Http(p, gzip) => (Some("http"), p, if gzip { "gzip" } else { "none" }),
+        Export::Grpc(p) => (Some("grpc"), p, "gzip"),
     };
     if let Some(protocol) = protocol {
         text.push_str(&format!(
@@ -355,7 +364,7 @@ queue = 100000
 [otlp]
 endpoint = "http://127.0.0.1:{port}"
 protocol = "{protocol}"
-compression = "gzip"
+compression = "{compression}"
 metrics_interval_s = 1
 "#
         ));
@@ -492,17 +501,162 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// CPU time of a thread of this process, ns (None once it has exited).
+fn thread_cpu_ns(tid: libc::pid_t) -> Option<u64> {
+    // The kernel's per-thread CPU clock id (glibc MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)):
+    // on-CPU time at scheduler precision, for any thread of the calling process.
+    let clock = ((!tid) << 3) | 4 | 2;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; an unknown clock id is refused with EINVAL.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// CPU of every thread of one tokio runtime (workers and blocking pool), exited ones too.
+#[derive(Default)]
+struct CpuMeter {
+    tids: std::sync::Mutex<Vec<libc::pid_t>>,
+    exited_ns: std::sync::atomic::AtomicU64,
+}
+
+impl CpuMeter {
+    fn ns(&self) -> u64 {
+        let tids = self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.exited_ns.load(std::sync::atomic::Ordering::Relaxed)
+            + tids.into_iter().filter_map(thread_cpu_ns).sum::<u64>()
+    }
+}
+
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// A runtime shaped like [`runtime`] whose threads' CPU `meter` adds up.
+fn metered_runtime(meter: &Arc<CpuMeter>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let (m1, m2) = (meter.clone(), meter.clone());
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(move || {
+            m1.tids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(gettid())
+        })
+        .on_thread_stop(move || {
+            let tid = gettid();
+            m2.tids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|t| *t != tid);
+            m2.exited_ns.fetch_add(
+                thread_cpu_ns(tid).unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        })
+        .build()?)
+}
+
 fn per_1k_ms(us: u64, n: usize) -> String {
     format!("{:.1}", us as f64 / 1000.0 / n.max(1) as f64 * 1000.0)
 }
 
-/// Part 1: agent CPU per 1k warm `echo` invocations, OTLP off / HTTP / gRPC, one variant
-/// (and one agent) at a time.
-fn cpu(work: &Work, rotel: &Rotel, client: &mut Client, n: usize) -> anyhow::Result<Table> {
+/// One CPU-part variant: an agent on its own metered runtime, and what its segments cost.
+struct CpuVariant {
+    export: Export,
+    meter: Arc<CpuMeter>,
+    rt: tokio::runtime::Runtime,
+    agent: Running,
+    n: usize,
+    agent_ns: u64,
+    sandbox_us: u64,
+    rotel_us: u64,
+    lat: Vec<f64>,
+    counts: Counts,
+}
+
+/// Part 1: agent CPU per 1k warm `echo` invocations, OTLP off / HTTP+gzip / gRPC+gzip /
+/// HTTP uncompressed: four agents alive at once, each on its own runtime whose threads'
+/// CPU is metered, the variants taking turns in rounds.
+fn cpu(work: &Work, rotel: &Rotel, client: &mut Client, p: Params) -> anyhow::Result<Table> {
+    let n = p.invokes;
+    let rounds = CPU_ROUNDS;
+    let per = (n / rounds).max(1);
+    let load0 = sys::loadavg();
+    let mut vs = Vec::new();
+    for (i, export) in [
+        Export::Off,
+        Export::Http(rotel.http, true),
+        Export::Grpc(rotel.grpc),
+        Export::Http(rotel.http, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let meter = Arc::new(CpuMeter::default());
+        let rt = metered_runtime(&meter)?;
+        let agent = Running::start(&rt, config(work, &format!("cpu{i}"), export)?)?;
+        client.warm_up(&agent.url("echo"), 200)?;
+        agent.flush(&rt);
+        vs.push(CpuVariant {
+            export,
+            meter,
+            rt,
+            agent,
+            n: 0,
+            agent_ns: 0,
+            sandbox_us: 0,
+            rotel_us: 0,
+            lat: Vec::new(),
+            counts: Counts::default(),
+        });
+    }
+    let self0 = sys::self_cpu_us();
+    for r in 0..rounds {
+        // Rotate the order each round, so no variant always follows the same one.
+        let k = vs.len();
+        for j in 0..k {
+            let v = &mut vs[(j + r) % k];
+            let url = v.agent.url("echo");
+            let (c0, s0, r0, x0) = (
+                v.meter.ns(),
+                v.agent.sandbox_cpu_us(),
+                rotel.cpu_us(),
+                v.agent.counts(),
+            );
+            v.lat.extend(client.warm(&url, per)?);
+            // Inside the segment: export what these invocations queued.
+            v.agent.flush(&v.rt);
+            let (c1, s1, r1, x1) = (
+                v.meter.ns(),
+                v.agent.sandbox_cpu_us(),
+                rotel.cpu_us(),
+                v.agent.counts(),
+            );
+            v.n += per;
+            v.agent_ns += c1.saturating_sub(c0);
+            v.sandbox_us += s1.saturating_sub(s0);
+            v.rotel_us += r1.saturating_sub(r0);
+            let d = x1.minus(x0);
+            for s in 0..3 {
+                v.counts.exported[s] += d.exported[s];
+            }
+            v.counts.dropped += d.dropped;
+            v.counts.failed += d.failed;
+        }
+    }
+    let self_us = sys::self_cpu_us().saturating_sub(self0);
+    let segments_us: u64 = vs.iter().map(|v| v.agent_ns / 1000).sum();
+
     let mut t = Table::new(
         format!(
-            "OTLP export cost: agent CPU per 1k warm exec invocations ({n} per variant, HTTP API, \
-             concurrency 1, client in a separate process)"
+            "OTLP export cost: agent CPU per 1k warm exec invocations ({} per variant in              {rounds} rounds, HTTP API, concurrency 1, client in a separate process)",
+            per * rounds
         ),
         &[
             "variant",
@@ -517,104 +671,87 @@ fn cpu(work: &Work, rotel: &Rotel, client: &mut Client, n: usize) -> anyhow::Res
             "failed requests",
         ],
     );
-    let load0 = sys::loadavg();
-    let mut off_cpu = None;
-    for (i, export) in [
-        Export::Off,
-        Export::Http(rotel.http),
-        Export::Grpc(rotel.grpc),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let rt = runtime()?;
-        let a = Running::start(&rt, config(work, &format!("cpu{i}"), export)?)?;
-        let url = a.url("echo");
-        client.warm_up(&url, 200)?;
-        a.flush(&rt);
-        let (c0, s0, r0, x0) = (
-            sys::self_cpu_us(),
-            a.sandbox_cpu_us(),
-            rotel.cpu_us(),
-            a.counts(),
-        );
-        let lat = client.warm(&url, n)?;
-        // Inside the window: export what these invocations queued.
-        a.flush(&rt);
-        let (c1, s1, r1, x1) = (
-            sys::self_cpu_us(),
-            a.sandbox_cpu_us(),
-            rotel.cpu_us(),
-            a.counts(),
-        );
-        a.shutdown(&rt);
-        drop(rt);
-        let agent_us = c1.saturating_sub(c0);
-        let d = x1.minus(x0);
-        let s = Summary::of(lat);
-        let on = !matches!(export, Export::Off);
-        if on && d.exported.contains(&0) {
+    let off_us = vs[0].agent_ns / 1000;
+    for v in &vs {
+        let on = !matches!(v.export, Export::Off);
+        if on && v.counts.exported.contains(&0) {
             bail!(
-                "{}: a signal exported nothing in the window ({:?})",
-                export.label(),
-                d.exported
+                "{}: a signal exported nothing ({:?})",
+                v.export.label(),
+                v.counts.exported
             );
         }
-        let delta = match off_cpu {
-            None => {
-                off_cpu = Some(agent_us);
-                "-".to_string()
-            }
-            Some(o) => format!(
+        let agent_us = v.agent_ns / 1000;
+        let delta = if on {
+            format!(
                 "{:+.1} ms ({:+.0}%)",
-                (agent_us as f64 - o as f64) / n as f64,
-                (agent_us as f64 / o.max(1) as f64 - 1.0) * 100.0
-            ),
+                (agent_us as f64 - off_us as f64) / v.n as f64,
+                (agent_us as f64 / off_us.max(1) as f64 - 1.0) * 100.0
+            )
+        } else {
+            "-".to_string()
         };
+        let s = Summary::of(v.lat.clone());
         t.row(vec![
-            export.label().to_string(),
-            per_1k_ms(agent_us, n),
+            v.export.label().to_string(),
+            per_1k_ms(agent_us, v.n),
             delta,
-            per_1k_ms(s1.saturating_sub(s0), n),
+            per_1k_ms(v.sandbox_us, v.n),
             if on {
-                per_1k_ms(r1.saturating_sub(r0), n)
+                per_1k_ms(v.rotel_us, v.n)
             } else {
                 "-".into()
             },
             usf(s.p50),
             usf(s.p99),
             if on {
-                format!("{} / {} / {}", d.exported[0], d.exported[1], d.exported[2])
+                format!(
+                    "{} / {} / {}",
+                    v.counts.exported[0], v.counts.exported[1], v.counts.exported[2]
+                )
             } else {
                 "-".into()
             },
             if on {
-                d.dropped.to_string()
+                v.counts.dropped.to_string()
             } else {
                 "-".into()
             },
-            if on { d.failed.to_string() } else { "-".into() },
+            if on {
+                v.counts.failed.to_string()
+            } else {
+                "-".into()
+            },
         ]);
+    }
+    for v in vs {
+        v.agent.shutdown(&v.rt);
     }
     t.note(format!(
         "Load average before/after: {load0} / {}.",
         sys::loadavg()
     ));
     t.note(format!(
-        "Function `echo`: exec handler `{HANDLER}` (one stderr line per invocation). Per variant: \
-         a fresh agent, 1 cold + 200 warm invocations untimed, then {n} warm ones timed; the \
-         window ends after the exporters are flushed. Collector: rotel (blackhole exporter), \
-         all three signals, metrics every 1 s (default 10 s), batches every 1 s (default)."
+        "Function `echo`: exec handler `{HANDLER}` (one stderr line per invocation). Four \
+         agents in this process, each on its own tokio runtime (multi-thread, one worker per \
+         CPU), each warmed with 1 cold + 200 warm invocations; then {rounds} rounds in which \
+         every variant in turn (order rotated each round) serves {per} timed warm invocations \
+         and flushes its exporters. Collector: rotel (blackhole exporter), all three signals, \
+         batches every 1 s (default), metrics every 1 s (default 10 s)."
     ));
-    t.note(
-        "agent CPU = getrusage(RUSAGE_SELF) of the bench process over the window: every agent \
-         thread (HTTP API, invoke path, recorder/aggregator, OTLP encode + gzip + HTTP/gRPC \
-         client); the load client is a separate process and not counted. sandbox CPU = probe + \
-         handler processes (procfs, reaped children included), outside the agent. collector \
-         CPU = rotel's utime+stime (10 ms ticks). Δ vs off is per invocation (ms per 1k = µs \
-         per invocation)."
-            .to_string(),
-    );
+    t.note(format!(
+        "agent CPU = on-CPU time of that agent's runtime threads (workers + blocking pool, \
+         per-thread CPU clocks) during its own segments, flush included: HTTP API, invoke \
+         path, recorder/aggregator, OTLP encode + gzip + HTTP/gRPC client. Not counted: the \
+         load client (a separate process), the sandboxes (probe + handler processes, shown \
+         as sandbox CPU, from procfs incl. reaped children), rotel (collector CPU, \
+         utime+stime in 10 ms ticks), and each agent's idle work while the others run. \
+         Cross-check: getrusage(RUSAGE_SELF) of the whole bench process over all rounds \
+         {:.0} ms vs {:.0} ms summed over the segments (the rest: idle agents, the bench's \
+         main thread). Δ vs off is per invocation: ms per 1k = µs per invocation.",
+        self_us as f64 / 1000.0,
+        segments_us as f64 / 1000.0
+    ));
     Ok(t)
 }
 
@@ -639,7 +776,7 @@ fn latency(
     let load0 = sys::loadavg();
     let rt = runtime()?;
     let off = Running::start(&rt, config(work, "lat-off", Export::Off)?)?;
-    let on = Running::start(&rt, config(work, "lat-on", Export::Http(rotel.http))?)?;
+    let on = Running::start(&rt, config(work, "lat-on", Export::Http(rotel.http, true))?)?;
     let functions = ["echo", "noop"];
     for a in [&off, &on] {
         for f in functions {
@@ -746,7 +883,8 @@ fn latency(
     t.note(format!(
         "Exporter during up segments: exported {} / {} / {} (logs / spans / points), dropped \
          {}, failed requests {}. During down segments: exported {} / {} / {}, dropped {}, \
-         failed requests {} (drops of down-segment records can land in the next segment).",
+         failed requests {} (records still queued when rotel is back are exported in the \
+         next up segment; the rest are dropped once their retries give up).",
         up_counts.exported[0],
         up_counts.exported[1],
         up_counts.exported[2],
@@ -797,7 +935,7 @@ fn latency(
 pub fn run(work: &Work, rotel_bin: &str, p: Params) -> anyhow::Result<Vec<Table>> {
     let mut rotel = Rotel::new(rotel_bin)?;
     let mut client = Client::spawn()?;
-    let mut out = vec![cpu(work, &rotel, &mut client, p.invokes)?];
+    let mut out = vec![cpu(work, &rotel, &mut client, p)?];
     out.extend(latency(work, &mut rotel, &mut client, p)?);
     Ok(out)
 }
