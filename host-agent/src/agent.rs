@@ -957,8 +957,11 @@ impl Agent {
             return;
         };
         let resource = match sb {
-            Some(sb) => crate::series::SandboxMeta::of(sb).resource(),
-            None => vec![("faas.name".into(), function.into())],
+            Some(sb) => sb
+                .otel_resource
+                .get_or_init(|| Arc::new(crate::series::SandboxMeta::of(sb).resource()))
+                .clone(),
+            None => Arc::new(vec![("faas.name".into(), function.into())]),
         };
         let t = crate::telemetry::InvocationTiming {
             ids: (ctx.trace_id, ctx.span_id),

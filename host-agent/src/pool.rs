@@ -85,6 +85,8 @@ pub struct Sandbox {
     pub oom_seen: std::sync::atomic::AtomicU64,
     /// Open shell sessions; while any is open the sandbox is neither reaped nor frozen.
     shells: AtomicUsize,
+    /// Its OTLP resource attributes, built on first use and shared by its spans.
+    pub otel_resource: std::sync::OnceLock<Arc<exporters::otlp::attrs::Attrs>>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -131,6 +133,7 @@ impl Sandbox {
             frozen: std::sync::atomic::AtomicBool::new(false),
             oom_seen: std::sync::atomic::AtomicU64::new(0),
             shells: AtomicUsize::new(0),
+            otel_resource: std::sync::OnceLock::new(),
         }
     }
 

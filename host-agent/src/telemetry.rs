@@ -323,7 +323,7 @@ pub struct InvocationTiming<'a> {
 /// went to the sandbox. `next_id` supplies span ids.
 pub fn invocation_spans(
     t: &InvocationTiming<'_>,
-    resource: Attrs,
+    resource: std::sync::Arc<Attrs>,
     mut next_id: impl FnMut() -> [u8; 8],
 ) -> InvocationSpans {
     let at = |us: u64| t.start_unix_nano + us * 1000;
@@ -427,7 +427,7 @@ mod tests {
             error: None,
         };
         let mut n = 10u8;
-        let s = invocation_spans(&t, Vec::new(), || {
+        let s = invocation_spans(&t, Default::default(), || {
             n += 1;
             [n; 8]
         });

@@ -10,6 +10,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     span, status, ResourceSpans, ScopeSpans, Span, Status,
 };
 use prost::Message;
+use std::sync::Arc;
 
 /// A W3C trace context (`traceparent`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,8 +124,10 @@ pub struct SpanIn {
 /// One invocation's spans and the resource they belong to (its sandbox).
 #[derive(Debug, Clone, Default)]
 pub struct InvocationSpans {
-    /// Resource attributes added to the agent's own (`faas.name`, `faas.instance`, ...).
-    pub resource: Attrs,
+    /// Resource attributes added to the agent's own (`faas.name`, `faas.instance`, ...),
+    /// shared by every invocation of the sandbox: consecutive invocations with the same
+    /// resource go out under one `ResourceSpans`.
+    pub resource: Arc<Attrs>,
     /// The invocation span first, then its children.
     pub spans: Vec<SpanIn>,
 }
@@ -180,18 +183,28 @@ impl Encode for TracesEncoder {
 
     fn encode(&mut self, items: Vec<InvocationSpans>) -> Encoded {
         let records = items.iter().map(|i| i.spans.len() as u64).sum();
-        let resource_spans = items
-            .into_iter()
-            .map(|inv| ResourceSpans {
-                resource: Some(resource(&self.base, &inv.resource, self.limit)),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(super::attrs::scope()),
-                    spans: inv.spans.into_iter().map(|s| self.span(s)).collect(),
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            })
-            .collect();
+        let mut resource_spans: Vec<ResourceSpans> = Vec::new();
+        let mut last: Option<Arc<Attrs>> = None;
+        for inv in items {
+            let spans = inv.spans.into_iter().map(|s| self.span(s));
+            match (&last, resource_spans.last_mut()) {
+                (Some(prev), Some(rs)) if Arc::ptr_eq(prev, &inv.resource) => {
+                    rs.scope_spans[0].spans.extend(spans);
+                }
+                _ => {
+                    resource_spans.push(ResourceSpans {
+                        resource: Some(resource(&self.base, &inv.resource, self.limit)),
+                        scope_spans: vec![ScopeSpans {
+                            scope: Some(super::attrs::scope()),
+                            spans: spans.collect(),
+                            schema_url: String::new(),
+                        }],
+                        schema_url: String::new(),
+                    });
+                    last = Some(inv.resource);
+                }
+            }
+        }
         Encoded {
             body: ExportTraceServiceRequest { resource_spans }.encode_to_vec(),
             records,
@@ -254,12 +267,25 @@ mod tests {
             error: None,
             ..root.clone()
         };
-        let enc = e.encode(vec![InvocationSpans {
-            resource: vec![("faas.instance".into(), "f-1".into())],
-            spans: vec![root, child],
-        }]);
-        assert_eq!(enc.records, 2);
+        let sandbox = Arc::new(vec![("faas.instance".to_string(), "f-1".into())]);
+        let other = Arc::new(vec![("faas.instance".to_string(), "f-2".into())]);
+        let inv = |r: &Arc<Attrs>, spans: Vec<SpanIn>| InvocationSpans {
+            resource: r.clone(),
+            spans,
+        };
+        let enc = e.encode(vec![
+            inv(&sandbox, vec![root.clone(), child]),
+            inv(&sandbox, vec![root.clone()]),
+            inv(&other, vec![root]),
+        ]);
+        assert_eq!(enc.records, 4);
         let req = ExportTraceServiceRequest::decode(&enc.body[..]).unwrap();
+        assert_eq!(
+            req.resource_spans.len(),
+            2,
+            "one ResourceSpans per run of a sandbox"
+        );
+        assert_eq!(req.resource_spans[0].scope_spans[0].spans.len(), 3);
         let spans = &req.resource_spans[0].scope_spans[0].spans;
         assert_eq!(spans[0].kind, span::SpanKind::Server as i32);
         assert_eq!(spans[0].parent_span_id, vec![3; 8]);
