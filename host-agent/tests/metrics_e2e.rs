@@ -280,3 +280,128 @@ async fn invocation_metrics_arrive_in_victoria_metrics_with_warm_cold_split_and_
         stats["telemetry"]
     );
 }
+
+/// rotel's collector binary (inside the Python package), if installed.
+fn rotel() -> Option<String> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
+        ])
+        .output()
+        .ok()?;
+    let p = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    if out.status.success() && std::path::Path::new(&p).exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "rotel is required under CI (scripts/test installs it)"
+    );
+    eprintln!("SKIPPED: this test needs rotel (python3 -m pip install rotel==0.0.1a15)");
+    None
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_over_grpc_with_gzip_reach_victoria_metrics_through_a_collector() {
+    if !common::can_run() {
+        return;
+    }
+    let (Some(vm_bin), Some(rotel_bin)) = (victoria_metrics(), rotel()) else {
+        return;
+    };
+    let vm = start_vm(&vm_bin);
+    // agent --OTLP/gRPC+gzip--> rotel --OTLP/HTTP--> VictoriaMetrics: the pipeline a fleet
+    // runs (examples/grafana/README.md).
+    let (grpc, http) = (free_port(), free_port());
+    let _rotel = Proc(
+        Command::new(&rotel_bin)
+            .args(["start", "--otlp-grpc-endpoint"])
+            .arg(format!("127.0.0.1:{grpc}"))
+            .arg("--otlp-http-endpoint")
+            .arg(format!("127.0.0.1:{http}"))
+            .args([
+                "--exporters",
+                "vm:otlp,bh:blackhole",
+                "--exporters-metrics",
+                "vm",
+            ])
+            .args(["--exporters-traces", "bh", "--exporters-logs", "bh"])
+            .args(["--metrics-batch-timeout", "100ms"])
+            .env(
+                "ROTEL_EXPORTER_VM_METRICS_ENDPOINT",
+                format!("http://127.0.0.1:{}/opentelemetry/v1/metrics", vm.port),
+            )
+            .env("ROTEL_EXPORTER_VM_PROTOCOL", "http")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "rotel did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = start_more(
+        &[func("hello", "cat >/dev/null; echo '{\"ok\":true}'", "")],
+        "",
+        &format!(
+            "\n[otlp]\nendpoint = \"http://127.0.0.1:{grpc}\"\nprotocol = \"grpc\"\n\
+             compression = \"gzip\"\nmetrics_interval_s = 0.2\n"
+        ),
+    )
+    .await;
+    let first = a.invoke("hello", "{}").await;
+    for _ in 0..3 {
+        assert_eq!(a.invoke("hello", "{}").await.status, 200);
+    }
+    let http_client = reqwest::Client::new();
+    let q = format!(
+        "faas_invocations_total{{faas_instance=\"{}\"}}",
+        first.sandbox
+    );
+    let t0 = Instant::now();
+    while vm.value(&http_client, &q).await != Some(4.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "VictoriaMetrics has {:?}",
+            vm.query(&http_client, &q).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        vm.value(
+            &http_client,
+            "sum(faas_invoke_duration_seconds_count{faas_name=\"hello\",faas_coldstart=\"false\"})"
+        )
+        .await,
+        Some(3.0)
+    );
+    let stats = a.get("/v1/stats").await;
+    assert_eq!(
+        stats["telemetry"]["dropped"]["otlp_metrics"], 0,
+        "{}",
+        stats["telemetry"]
+    );
+}
