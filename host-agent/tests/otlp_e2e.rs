@@ -45,6 +45,7 @@ const PROCESSOR: &str = r#"
 import json
 LOGS = "@LOGS@"
 SPANS = "@SPANS@"
+METRICS = "@METRICS@"
 
 def hx(v):
     if v is None:
@@ -79,6 +80,25 @@ def process_logs(resource_logs):
                     "scope": sl.scope.name if sl.scope else "",
                 }) + "\n")
 
+def process_metrics(resource_metrics):
+    with open(METRICS, "a") as f:
+        for sm in resource_metrics.scope_metrics:
+            for m in sm.metrics:
+                inner = m.data._0
+                for p in inner.data_points:
+                    v = getattr(p, "value", None)
+                    f.write(json.dumps({
+                        "name": m.name,
+                        "kind": type(m.data).__name__,
+                        "temporality": str(getattr(inner, "aggregation_temporality", "")),
+                        "start": p.start_time_unix_nano,
+                        "time": p.time_unix_nano,
+                        "value": getattr(v, "_0", None) if v is not None else None,
+                        "count": getattr(p, "count", None),
+                        "attributes": attrs(p.attributes),
+                        "resource": res(resource_metrics),
+                    }) + "\n")
+
 def process_spans(resource_spans):
     with open(SPANS, "a") as f:
         for ss in resource_spans.scope_spans:
@@ -101,6 +121,7 @@ struct Rotel {
     child: Child,
     logs: std::path::PathBuf,
     spans: std::path::PathBuf,
+    metrics: std::path::PathBuf,
     http: u16,
     grpc: u16,
     _dir: tempfile::TempDir,
@@ -122,12 +143,14 @@ fn start_rotel_on(bin: &str, grpc: u16, http: u16) -> Rotel {
     let dir = tempfile::tempdir().unwrap();
     let logs = dir.path().join("logs.jsonl");
     let spans = dir.path().join("spans.jsonl");
+    let metrics = dir.path().join("metrics.jsonl");
     let proc_py = dir.path().join("capture.py");
     std::fs::write(
         &proc_py,
         PROCESSOR
             .replace("@LOGS@", &logs.display().to_string())
-            .replace("@SPANS@", &spans.display().to_string()),
+            .replace("@SPANS@", &spans.display().to_string())
+            .replace("@METRICS@", &metrics.display().to_string()),
     )
     .unwrap();
     let child = Command::new(bin)
@@ -138,6 +161,8 @@ fn start_rotel_on(bin: &str, grpc: u16, http: u16) -> Rotel {
         .args(["--exporter", "blackhole", "--otlp-with-logs-processor"])
         .arg(&proc_py)
         .arg("--otlp-with-trace-processor")
+        .arg(&proc_py)
+        .arg("--otlp-with-metrics-processor")
         .arg(&proc_py)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -157,6 +182,7 @@ fn start_rotel_on(bin: &str, grpc: u16, http: u16) -> Rotel {
         child,
         logs,
         spans,
+        metrics,
         http,
         grpc,
         _dir: dir,
@@ -735,5 +761,68 @@ async fn an_otlp_alert_action_sends_the_alarm_transition_as_a_warn_log_record() 
     assert!(
         alerts["counters"]["otlp_actions"].as_u64().unwrap() >= 1,
         "{alerts}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_temporality_exports_each_intervals_change() {
+    if !common::can_run() {
+        return;
+    }
+    let Some(bin) = rotel() else { return };
+    let r = start_rotel(&bin);
+    let a = start_more(
+        &[func("hello", HELLO, "")],
+        "",
+        &format!(
+            "\n[otlp]\nendpoint = \"http://127.0.0.1:{}\"\ntemporality = \"delta\"\n\
+             metrics_interval_s = 0.2\n[otlp.logs]\nenabled = false\n[otlp.traces]\nenabled = false\n",
+            r.http
+        ),
+    )
+    .await;
+    let sandbox = a.invoke("hello", "{}").await.sandbox;
+    for _ in 0..2 {
+        assert_eq!(a.invoke("hello", "{}").await.status, 200);
+    }
+    let mine = |v: &[serde_json::Value], name: &str| -> Vec<serde_json::Value> {
+        v.iter()
+            .filter(|m| m["name"] == name && m["resource"]["faas.instance"] == sandbox.as_str())
+            .cloned()
+            .collect()
+    };
+    let total = |pts: &[serde_json::Value], key: &str| -> u64 {
+        pts.iter().map(|p| p[key].as_u64().unwrap_or(0)).sum()
+    };
+    // Wait for the three invocations and at least two quiet intervals after them.
+    let got = until(&r.metrics, "three invocations in delta points", |v| {
+        let pts = mine(v, "faas.invocations");
+        total(&pts, "value") == 3 && pts.iter().filter(|p| p["value"] == 0).count() >= 2
+    })
+    .await;
+    let mut inv = mine(&got, "faas.invocations");
+    // The collector may hand batches to its processor out of order.
+    inv.sort_by_key(|p| p["start"].as_u64());
+    assert!(
+        inv.iter()
+            .all(|p| p["temporality"].as_str().unwrap().contains("Delta")),
+        "{inv:#?}"
+    );
+    // Each point covers the interval since the previous one: no overlap, no gap.
+    for w in inv.windows(2) {
+        assert_eq!(w[1]["start"], w[0]["time"], "{w:#?}");
+    }
+    let durations = mine(&got, "faas.invoke_duration");
+    assert_eq!(total(&durations, "count"), 3, "{durations:#?}");
+    // Up-down counters stay levels: the idle sandbox is 1 in every export.
+    let idle: Vec<_> = got
+        .iter()
+        .filter(|m| m["name"] == "sandscope.sandboxes" && m["attributes"]["state"] == "idle")
+        .collect();
+    assert!(
+        idle.last().is_some_and(
+            |p| p["value"] == 1 && p["temporality"].as_str().unwrap().contains("Cumulative")
+        ),
+        "{idle:#?}"
     );
 }
