@@ -826,3 +826,81 @@ async fn delta_temporality_exports_each_intervals_change() {
         "{idle:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_never_answers_costs_invocations_nothing_and_every_record_is_accounted_for(
+) {
+    if !common::can_run() {
+        return;
+    }
+    // Accepts connections and reads requests, never answers: every export times out.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let a = start_more(
+        &[func("hello", HELLO, "")],
+        "",
+        &format!(
+            "\n[otlp]\nendpoint = \"http://127.0.0.1:{port}\"\ninterval_s = 0.05\ntimeout_s = 0.2\n\
+             [otlp.metrics]\nenabled = false\n"
+        ),
+    )
+    .await;
+    assert_eq!(a.invoke("hello", "{}").await.status, 200);
+    let t0 = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(a.invoke("hello", "{}").await.status, 200);
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "20 warm invocations took {:?} with a hanging collector",
+        t0.elapsed()
+    );
+    let otlp = a.agent.otlp().unwrap().clone();
+    let (logs, traces) = (otlp.logs.clone().unwrap(), otlp.traces.clone().unwrap());
+    // Every invocation put at least its stderr line and REPORT on the bus and two spans
+    // (the invocation and its invoke phase) into the trace exporter.
+    assert!(
+        logs.accepted() >= 42 && traces.accepted() >= 42,
+        "{} {}",
+        logs.accepted(),
+        traces.accepted()
+    );
+    otlp.flush(Duration::from_secs(3)).await;
+    let t0 = Instant::now();
+    while logs.dropped() < logs.accepted() || traces.dropped() < traces.accepted() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "logs {}/{} traces {}/{} dropped",
+            logs.dropped(),
+            logs.accepted(),
+            traces.dropped(),
+            traces.accepted()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for e in [
+        logs.dropped() - logs.accepted(),
+        traces.dropped() - traces.accepted(),
+    ] {
+        assert_eq!(e, 0, "dropped exactly what was accepted");
+    }
+    assert_eq!((logs.exported(), traces.exported()), (0, 0));
+    assert!(logs.failed_requests() > 0);
+    let stats = a.get("/v1/stats").await;
+    assert_eq!(
+        stats["telemetry"]["dropped"]["otlp_logs"],
+        logs.accepted(),
+        "{}",
+        stats["telemetry"]
+    );
+    assert_eq!(
+        stats["telemetry"]["dropped"]["otlp_traces"],
+        traces.accepted()
+    );
+}
