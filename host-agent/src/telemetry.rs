@@ -107,18 +107,27 @@ impl Otlp {
 /// Forward every line on the log bus (function output, platform events, shell audits)
 /// to the OTLP log exporter, with the trace and span of the invocation it belongs to.
 /// Lines this task falls behind on are counted as dropped.
+/// Lines are taken in bursts: after each wake-up the task drains what is there, then
+/// rests one [`exporters::otlp::FILL_TICK`] (the bus holds 4096 lines), so a busy agent
+/// pays a wake-up per tick, not per line.
 pub fn spawn_logs(e: Exporter<LogsEncoder>, mut rx: broadcast::Receiver<LogLine>) {
+    use broadcast::error::{RecvError, TryRecvError};
     tokio::spawn(async move {
         loop {
-            let l = match rx.recv().await {
-                Ok(l) => l,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    e.count_dropped(n);
-                    continue;
+            match rx.recv().await {
+                Ok(l) => e.send(log_record(l)),
+                Err(RecvError::Lagged(n)) => e.count_dropped(n),
+                Err(RecvError::Closed) => break,
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(l) => e.send(log_record(l)),
+                    Err(TryRecvError::Lagged(n)) => e.count_dropped(n),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return,
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
-            };
-            e.send(log_record(l));
+            }
+            tokio::time::sleep(exporters::otlp::FILL_TICK).await;
         }
     });
 }

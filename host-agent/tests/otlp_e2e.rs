@@ -865,12 +865,12 @@ async fn a_collector_that_never_answers_costs_invocations_nothing_and_every_reco
     let (logs, traces) = (otlp.logs.clone().unwrap(), otlp.traces.clone().unwrap());
     // Every invocation put at least its stderr line and REPORT on the bus and two spans
     // (the invocation and its invoke phase) into the trace exporter.
-    assert!(
-        logs.accepted() >= 42 && traces.accepted() >= 42,
-        "{} {}",
-        logs.accepted(),
-        traces.accepted()
-    );
+    let handed_over = a
+        .wait_for(Duration::from_secs(5), || async {
+            logs.accepted() >= 42 && traces.accepted() >= 42
+        })
+        .await;
+    assert!(handed_over, "{} {}", logs.accepted(), traces.accepted());
     otlp.flush(Duration::from_secs(3)).await;
     let t0 = Instant::now();
     while logs.dropped() < logs.accepted() || traces.dropped() < traces.accepted() {

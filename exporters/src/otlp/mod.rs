@@ -24,7 +24,7 @@ mod spool;
 pub mod traces;
 mod transport;
 
-pub use pipeline::{Encode, Encoded, Exporter};
+pub use pipeline::{Encode, Encoded, Exporter, FILL_TICK};
 pub use spool::SpoolError;
 
 use attrs::truncate;
