@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{func, start_more};
+use common::{free_port, func, rotel, start_more};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -281,27 +281,6 @@ async fn invocation_metrics_arrive_in_victoria_metrics_with_warm_cold_split_and_
     );
 }
 
-/// rotel's collector binary (inside the Python package), if installed.
-fn rotel() -> Option<String> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
-        ])
-        .output()
-        .ok()?;
-    let p = String::from_utf8(out.stdout).ok()?.trim().to_string();
-    if out.status.success() && std::path::Path::new(&p).exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "rotel is required under CI (scripts/test installs it)"
-    );
-    eprintln!("SKIPPED: this test needs rotel (python3 -m pip install rotel==0.0.1a15)");
-    None
-}
-
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -309,14 +288,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,37 @@ pub fn can_run() -> bool {
     false
 }
 
+/// rotel's collector binary (inside the Python package), if installed.
+pub fn rotel() -> Option<String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
+        ])
+        .output()
+        .ok()?;
+    let p = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    if out.status.success() && std::path::Path::new(&p).exists() {
+        return Some(p);
+    }
+    let strict = std::env::var("CI").as_deref() == Ok("true");
+    assert!(
+        !strict,
+        "rotel is required under CI (scripts/test installs it)"
+    );
+    eprintln!("SKIPPED: the OTLP tests need rotel (python3 -m pip install rotel==0.0.1a15)");
+    None
+}
+
+/// A loopback port nothing listens on (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A running agent with its HTTP address.
 pub struct TestAgent {
     pub agent: Arc<Agent>,
