@@ -79,6 +79,15 @@ async fn optional<T>(f: &mut Option<BoxFut<T>>) -> T {
     }
 }
 
+/// An I/O error that means the peer closed or reset the link.
+fn link_gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
+}
+
 /// Serve the agent. Must run inside a current-thread tokio runtime; `reaper` is shared by
 /// successive links (started once, before any child).
 pub async fn serve(boot: Boot, reaper: Reaper) -> Result<Ending, ProbeError> {
@@ -171,6 +180,9 @@ pub async fn serve(boot: Boot, reaper: Reaper) -> Result<Ending, ProbeError> {
                 let frame = match f {
                     Ok(Some(f)) => f,
                     Ok(None) => break (0, Ending::LinkLost),
+                    // The agent's end went away mid-stream (reset, not a clean EOF): the
+                    // link is lost, not corrupt, and a dialing probe dials again.
+                    Err(wire::DecodeError::Io(e)) if link_gone(&e) => break (0, Ending::LinkLost),
                     Err(e) => {
                         shutdown_handlers(&ctx, 0).await;
                         return Err(ProbeError::Decode(e));

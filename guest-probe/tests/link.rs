@@ -471,3 +471,49 @@ fn a_dialing_probe_reconnects_when_the_link_drops() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Regression: closing the agent's end with frames still unread (the probe's Ready) makes
+/// the probe's next read fail with ECONNRESET instead of EOF; that is a lost link too, and
+/// the probe must dial again instead of exiting with an error.
+#[test]
+fn a_dialing_probe_reconnects_after_a_connection_reset() {
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_guest-probe"))
+        .args(["--sandbox-id", "reset", "--handler", "cat", "--connect"])
+        .arg(format!("unix:{}", path.display()))
+        .spawn()
+        .unwrap();
+    let (mut first, _) = listener.accept().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut dec = wire::FrameDecoder::new();
+    assert!(matches!(
+        dec.read_frame(&mut first).unwrap().unwrap().body,
+        Some(wire::frame::Body::Hello(_))
+    ));
+    // Let the Ready frame arrive and stay unread, then close: the probe sees a reset.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(first);
+    listener.set_nonblocking(true).unwrap();
+    let t = std::time::Instant::now();
+    let second = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(st) = child.try_wait().unwrap() {
+                    panic!("the probe exited ({st}) instead of dialing again");
+                }
+                assert!(t.elapsed() < Duration::from_secs(10), "no second dial");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    drop(second);
+    let _ = child.kill();
+    let _ = child.wait();
+}
