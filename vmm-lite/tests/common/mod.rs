@@ -2,6 +2,8 @@
 //! runs the real `vmm-lite` binary against /dev/kvm.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
