@@ -30,7 +30,13 @@ impl Clock {
 
     /// Nanoseconds since the start.
     pub fn since_init_ns(&self) -> u64 {
-        monotonic_ns().saturating_sub(self.start_ns)
+        self.since_init_at(monotonic_ns())
+    }
+
+    /// Nanoseconds from the start to `monotonic_ns` (a [`monotonic_ns`] reading taken
+    /// earlier; 0 if it precedes the start).
+    pub fn since_init_at(&self, monotonic_ns: u64) -> u64 {
+        monotonic_ns.saturating_sub(self.start_ns)
     }
 }
 
@@ -56,6 +62,14 @@ impl Markers {
         self.list.push(wire::Marker {
             name: name.to_string(),
             since_init_ns: clock.since_init_ns(),
+        });
+    }
+
+    /// Record `name` at `since_init_ns` (a time taken earlier with [`Clock::since_init_at`]).
+    pub fn mark_at(&mut self, name: &str, since_init_ns: u64) {
+        self.list.push(wire::Marker {
+            name: name.to_string(),
+            since_init_ns,
         });
     }
 

@@ -8,12 +8,16 @@
 //! `--fork-init` ([`forkinit`]) happens before any thread exists, and the async part runs
 //! on a current-thread tokio runtime so the probe starts fast and stays small.
 //!
+//! As a microVM's init it first writes the VMM's boot-timer marker ([`boot_timer`]), so
+//! the host can time the kernel's boot on the VMM's clock.
+//!
 //! PID 1 duties: one [`reaper`] waits for every child; handler processes are spawned only
 //! through it.
 
 #![warn(missing_docs)]
 
 pub mod args;
+pub mod boot_timer;
 pub mod clock;
 pub mod forkinit;
 pub mod handler;

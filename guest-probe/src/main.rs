@@ -3,7 +3,7 @@
 use guest_probe::args::{self, Args, ArgsError, USAGE};
 use guest_probe::clock::{Clock, Markers};
 use guest_probe::probe::{self, Boot, Ending};
-use guest_probe::{error_chain, forkinit, procinfo, reaper, setup};
+use guest_probe::{boot_timer, error_chain, forkinit, procinfo, reaper, setup};
 
 fn fail(step: &str, e: &(dyn std::error::Error + 'static)) -> ! {
     eprintln!("guest-probe: {step}: {}", error_chain(e));
@@ -23,10 +23,16 @@ fn main() {
     let pid1 = unsafe { libc::getpid() } == 1;
     let vm_init = pid1 && std::path::Path::new(args::VM_ARGS_FILE).is_file();
     let argv: Vec<String> = if vm_init {
-        // /proc first: the sandbox id is on the kernel command line.
+        // /proc first: the sandbox id and the boot-timer address are on the kernel command
+        // line. The boot-timer marker goes out before anything slow (it ends the kernel
+        // phase on the VMM's clock); it mounts /dev itself if it has to. Then the rest.
+        if let Err(e) = setup::mount_proc_if_missing() {
+            eprintln!("guest-probe: {}", error_chain(&e));
+        }
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        boot_timer::mark_boot(pid1, vm_init, &cmdline, &clock, &mut markers);
         setup::mount_missing();
         let file = std::fs::read_to_string(args::VM_ARGS_FILE).unwrap_or_default();
-        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         args::vm_init_args(&file, &cmdline, std::env::args().skip(1).collect())
     } else {
         std::env::args().skip(1).collect()

@@ -360,63 +360,124 @@ pub fn loopback_up() -> Result<(), SetupError> {
     Ok(())
 }
 
+/// One filesystem a VM's init mounts where nothing is mounted yet.
+struct Missing {
+    target: &'static str,
+    source: &'static str,
+    fstype: &'static str,
+    flags: libc::c_ulong,
+    data: Option<&'static str>,
+}
+
+/// What [`mount_missing`] mounts, in order: /proc first, since /proc/self/mountinfo then
+/// tells what else is mounted; /dev before /dev/pts.
+const MISSING: &[Missing] = &[
+    Missing {
+        target: "/proc",
+        source: "proc",
+        fstype: "proc",
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: None,
+    },
+    Missing {
+        target: "/sys",
+        source: "sysfs",
+        fstype: "sysfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: None,
+    },
+    Missing {
+        target: "/dev",
+        source: "devtmpfs",
+        fstype: "devtmpfs",
+        flags: libc::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
+    Missing {
+        target: "/dev/pts",
+        source: "devpts",
+        fstype: "devpts",
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: None,
+    },
+    Missing {
+        target: "/tmp",
+        source: "tmpfs",
+        fstype: "tmpfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: Some("mode=1777"),
+    },
+];
+
+fn mount_entry(m: &Missing) -> Result<(), SetupError> {
+    let t = Path::new(m.target);
+    mkdir_p(t)?;
+    mount(
+        Some(Path::new(m.source)),
+        t,
+        Some(m.fstype),
+        m.flags,
+        m.data,
+    )
+}
+
+fn entry(target: &str) -> &'static Missing {
+    MISSING
+        .iter()
+        .find(|m| m.target == target)
+        .expect("target is one of MISSING")
+}
+
 /// PID 1 without a built root (a VM's init): mount /proc, /sys, /dev, /dev/pts and /tmp
 /// where nothing is mounted yet. Failures are reported to stderr and skipped.
 pub fn mount_missing() {
-    let steps: &[(&str, &str, &str, libc::c_ulong, Option<&str>)] = &[
-        (
-            "/proc",
-            "proc",
-            "proc",
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            None,
-        ),
-        (
-            "/sys",
-            "sysfs",
-            "sysfs",
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            None,
-        ),
-        (
-            "/dev",
-            "devtmpfs",
-            "devtmpfs",
-            libc::MS_NOSUID,
-            Some("mode=0755"),
-        ),
-        (
-            "/dev/pts",
-            "devpts",
-            "devpts",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            None,
-        ),
-        (
-            "/tmp",
-            "tmpfs",
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("mode=1777"),
-        ),
-    ];
-    for &(target, source, fstype, flags, data) in steps {
-        // /proc first: once it is there, /proc/self/mountinfo tells what else is mounted.
-        let mounted = if target == "/proc" {
-            Path::new("/proc/self/stat").exists()
-        } else {
-            is_mount_point(&crate::procinfo::read_lossy("/proc/self/mountinfo"), target)
-        };
-        if mounted {
-            continue;
-        }
-        let t = Path::new(target);
-        let res =
-            mkdir_p(t).and_then(|_| mount(Some(Path::new(source)), t, Some(fstype), flags, data));
-        if let Err(e) = res {
+    for m in MISSING {
+        if let Err(e) = mount_if_missing_entry(m) {
             eprintln!("guest-probe: {}", crate::error_chain(&e));
         }
     }
+}
+
+/// Mount /proc unless it is there (a VM's init reads the kernel command line from it
+/// before anything else).
+pub fn mount_proc_if_missing() -> Result<(), SetupError> {
+    mount_if_missing_entry(entry("/proc"))
+}
+
+fn mount_if_missing_entry(m: &Missing) -> Result<(), SetupError> {
+    let mounted = if m.target == "/proc" {
+        Path::new("/proc/self/stat").exists()
+    } else {
+        is_mount_point(
+            &crate::procinfo::read_lossy("/proc/self/mountinfo"),
+            m.target,
+        )
+    };
+    if mounted {
+        return Ok(());
+    }
+    mount_entry(m)
+}
+
+/// Mount devtmpfs on /dev without looking first: the caller knows it is missing (a device
+/// node it needs is absent). [`mount_missing`] later sees it mounted and skips it.
+pub fn mount_devtmpfs() -> Result<(), SetupError> {
+    mount_entry(entry("/dev"))
+}
+
+/// Create the character device node `path` (major, minor), mode 0600.
+pub fn mknod_char(path: &Path, major: u32, minor: u32) -> Result<(), SetupError> {
+    let c = cpath(path)?;
+    let dev = libc::makedev(major, minor);
+    // SAFETY: `c` is a NUL-terminated path valid for the call.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, dev) };
+    if rc != 0 {
+        return Err(SetupError::Create {
+            path: path.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether `target` is a mount point according to /proc/self/mountinfo text.
@@ -442,6 +503,15 @@ pub fn protect_from_oom() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn early_mounts_are_in_the_table() {
+        // mount_proc_if_missing and mount_devtmpfs (the boot-timer's early mounts) look
+        // their entries up by target; /proc must stay first for mount_missing's checks.
+        assert_eq!(entry("/proc").fstype, "proc");
+        assert_eq!(entry("/dev").fstype, "devtmpfs");
+        assert_eq!(MISSING[0].target, "/proc");
+    }
 
     #[test]
     fn mount_point_lookup() {
