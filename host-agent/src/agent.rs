@@ -443,17 +443,21 @@ impl Agent {
             runtime_init_us: us(now.saturating_duration_since(hs.hello_at)),
             vmm_setup_us: None,
             kernel_us: None,
+            kernel_source: None,
         };
         if handle.configured().is_some() {
-            let w = crate::drivers::vm::waterfall(
+            use crate::drivers::vm;
+            let vmm = handle.vmm_times().await.unwrap_or_default();
+            let w = vm::waterfall(
                 to_hello,
-                hs.hello.uptime_at_init_us,
-                hs.hello.sent_since_init_ns / 1000,
-                handle.vmm_setup_us().await,
+                vm::GuestTimes::of_hello(&hs.hello),
+                vmm,
+                vm::vmm_main_after(running_at, &vmm),
             );
             boot.vmm_setup_us = Some(w.vmm_setup_us);
             boot.kernel_us = Some(w.kernel_us);
             boot.probe_init_us = w.probe_init_us;
+            boot.kernel_source = Some(w.kernel_source);
         }
         let serial = self.serials.fetch_add(1, Ordering::Relaxed);
         let sb = Arc::new(Sandbox::new(

@@ -43,6 +43,10 @@ pub struct BootTimes {
     /// Kernel → init, µs (microVMs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_us: Option<u64>,
+    /// Where `kernel_us` came from (microVMs): `boot_timer`, `vmm_first_run` or
+    /// `guest_uptime` (see `drivers::vm::waterfall`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_source: Option<crate::drivers::vm::KernelSource>,
 }
 
 #[derive(Debug)]

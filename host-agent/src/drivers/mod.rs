@@ -129,8 +129,10 @@ pub trait SandboxHandle: Send + Sync {
     /// Last lines the sandbox process itself wrote (diagnostics for failed starts; a VM's
     /// serial console).
     fn diagnostics(&self) -> String;
-    /// VMM process start → first KVM_RUN in µs, if the VMM reports it (vmm-lite).
-    fn vmm_setup_us(&self) -> BoxFuture<'_, Option<u64>> {
+    /// The VMM's own record of the boot (start on CLOCK_MONOTONIC, first KVM_RUN, the
+    /// guest's boot-timer write), asked for once after Hello, if the VMM reports one
+    /// (vmm-lite). Feeds [`vm::waterfall`].
+    fn vmm_times(&self) -> BoxFuture<'_, Option<vm::VmmTimes>> {
         Box::pin(async { None })
     }
     /// Resources configured for the guest: committed memory and vCPUs. `Some` marks a

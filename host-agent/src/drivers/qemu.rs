@@ -165,6 +165,17 @@ pub fn qemu_args(
     a
 }
 
+/// The guest's kernel command line under QEMU: `tsc_early_khz=` when emulated (TCG cannot
+/// calibrate the TSC against microvm's timers). No `sandscope.boot_timer=`: QEMU's microvm
+/// has no boot-timer device, so the kernel phase comes from the guest's own clock.
+pub fn guest_cmdline(accel: Accel, tsc_khz: Option<u64>, id: &str, host_id: &str) -> String {
+    let extra: Vec<String> = match (accel, tsc_khz) {
+        (Accel::Tcg, Some(k)) => vec![format!("tsc_early_khz={k}")],
+        _ => vec![],
+    };
+    vm::guest_cmdline("t", id, host_id, &extra)
+}
+
 impl Driver for QemuDriver {
     fn name(&self) -> &'static str {
         "qemu"
@@ -209,11 +220,7 @@ impl Driver for QemuDriver {
                         driver: "qemu",
                         reason: format!("vsock backend: {reason}; output: {}", procs.console()),
                     })?;
-                let extra: Vec<String> = match (self.accel, self.tsc_khz) {
-                    (Accel::Tcg, Some(k)) => vec![format!("tsc_early_khz={k}")],
-                    _ => vec![],
-                };
-                let cmdline = vm::guest_cmdline("t", &spec.id, &spec.host_id, &extra);
+                let cmdline = guest_cmdline(self.accel, self.tsc_khz, &spec.id, &spec.host_id);
                 let args = qemu_args(
                     self.accel,
                     mem,
@@ -250,6 +257,19 @@ impl Driver for QemuDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_cmdline_names_no_boot_timer() {
+        // QEMU's microvm has no boot-timer device: the probe must not be told of one.
+        let c = guest_cmdline(Accel::Tcg, Some(2_000_000), "sb-1", "h1");
+        assert_eq!(
+            c,
+            "console=ttyS0 reboot=t panic=-1 quiet sandscope.id=sb-1 sandscope.host=h1 tsc_early_khz=2000000"
+        );
+        let c = guest_cmdline(Accel::Kvm, Some(2_000_000), "sb-1", "");
+        assert_eq!(c, "console=ttyS0 reboot=t panic=-1 quiet sandscope.id=sb-1");
+        assert!(!c.contains("boot_timer"));
+    }
 
     #[test]
     fn command_line() {

@@ -449,10 +449,10 @@ impl SandboxHandle for VmSandbox {
         self.procs.console()
     }
 
-    fn vmm_setup_us(&self) -> BoxFuture<'_, Option<u64>> {
+    fn vmm_times(&self) -> BoxFuture<'_, Option<VmmTimes>> {
         Box::pin(async move {
             let line = super::vmm_lite::query_metrics(self.vmm_control.as_deref()?).await?;
-            super::vmm_lite::parse_vmm_setup_us(&line)
+            super::vmm_lite::parse_vmm_times(&line)
         })
     }
 
@@ -484,14 +484,71 @@ pub async fn wait_for_path(path: &Path, procs: &VmProcs, limit: Duration) -> Res
     Ok(())
 }
 
-/// The boot phases of a VM, all on the host's timeline, summing to `total_us` (process
-/// running → Hello received).
+/// What a VMM reports of one boot (vmm-lite's metrics document; QEMU reports nothing).
+/// Phase times are µs since the VMM's `main` started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmmTimes {
+    /// The VMM's `main` on CLOCK_MONOTONIC, ns (places the phases on the host's clock).
+    pub start_monotonic_ns: Option<u64>,
+    /// VMM start → first KVM_RUN.
+    pub first_kvm_run_us: Option<u64>,
+    /// VMM start → the guest's boot-timer write (its init has started).
+    pub boot_timer_us: Option<u64>,
+}
+
+/// What the guest probe reports of its start, from Hello (guest clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestTimes {
+    /// The guest's boot clock when the probe started (the kernel's time to reach init).
+    pub uptime_at_init_us: u64,
+    /// Probe start → Hello sent.
+    pub init_to_hello_us: u64,
+    /// Probe start → just before its boot-timer write (the `boot_timer` marker).
+    pub boot_timer_marker_us: Option<u64>,
+}
+
+impl GuestTimes {
+    /// The times in a Hello (the marker is the probe's `boot_timer::MARKER`).
+    pub fn of_hello(h: &wire::Hello) -> Self {
+        Self {
+            uptime_at_init_us: h.uptime_at_init_us,
+            init_to_hello_us: h.sent_since_init_ns / 1000,
+            boot_timer_marker_us: h
+                .markers
+                .iter()
+                .find(|m| m.name == "boot_timer")
+                .map(|m| m.since_init_ns / 1000),
+        }
+    }
+}
+
+/// Where a VM's `kernel` phase came from (the boot report's `kernel_source`), best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelSource {
+    /// The guest's boot-timer write on the VMM's clock: first KVM_RUN → init start.
+    BootTimer,
+    /// The VMM's first KVM_RUN, the kernel being what the guest's clock leaves over.
+    VmmFirstRun,
+    /// The guest's boot clock at init (no VMM report: QEMU).
+    GuestUptime,
+}
+
+/// The boot phases of a VM, all on the host's timeline, summing to `total_us` (VMM
+/// process running → Hello received). `o` is the VMM's `main` relative to "process
+/// running" (from `start_monotonic_ns`; 0 when unknown).
 ///
-/// - `probe_init`: init start → Hello sent, from the guest's monotonic clock.
-/// - With a VMM report (vmm-lite): `vmm_setup` = VMM start → first KVM_RUN, and `kernel`
-///   is the rest (first KVM_RUN → init, plus the link's one-way latency).
-/// - Without (QEMU): `kernel` = the guest's boot clock at init (the kernel's own time to
-///   reach init), and `vmm_setup` is the rest (QEMU start-up and loading).
+/// - Boot-timer (vmm-lite with a probe that wrote it): `vmm_setup` = o + first KVM_RUN;
+///   `kernel` = first KVM_RUN → init start, where init start = the boot-timer write less
+///   the probe's own time before it (its `boot_timer` marker); `probe_init` = init start →
+///   Hello received, on the host's clock (so it includes the link's latency).
+/// - VMM first run only (vmm-lite, no boot-timer): `probe_init` = init → Hello sent on the
+///   guest's clock; `vmm_setup` = o + first KVM_RUN; `kernel` = the rest.
+/// - Neither (QEMU): `probe_init` as above; `kernel` = the guest's boot clock at init;
+///   `vmm_setup` = the rest (QEMU start-up and loading).
+///
+/// Each phase is clamped to what the earlier ones leave, so none is negative and the sum
+/// is exactly `total_us`, whatever the clocks say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmPhases {
     /// VMM start → guest kernel running, µs.
@@ -500,35 +557,75 @@ pub struct VmPhases {
     pub kernel_us: u64,
     /// Init → Hello, µs.
     pub probe_init_us: u64,
+    /// Where `kernel_us` came from.
+    pub kernel_source: KernelSource,
 }
 
-/// Assemble [`VmPhases`]; see there.
+/// Assemble [`VmPhases`]; see there. `vmm_main_us` is "process running" → the VMM's
+/// `main` on the host's clock, if known.
 pub fn waterfall(
     total_us: u64,
-    guest_uptime_at_init_us: u64,
-    guest_init_to_hello_us: u64,
-    vmm_setup_us: Option<u64>,
+    guest: GuestTimes,
+    vmm: VmmTimes,
+    vmm_main_us: Option<u64>,
 ) -> VmPhases {
-    let probe_init_us = guest_init_to_hello_us.min(total_us);
-    let rest = total_us - probe_init_us;
-    match vmm_setup_us {
-        Some(v) => {
-            let v = v.min(rest);
+    let o = vmm_main_us.unwrap_or(0);
+    match (vmm.first_kvm_run_us, vmm.boot_timer_us) {
+        (Some(run), Some(bt)) if bt >= run => {
+            // The probe's time before its write, but init cannot start before the kernel.
+            let before_write = guest.boot_timer_marker_us.unwrap_or(0).min(bt - run);
+            let vmm_setup_us = o.saturating_add(run).min(total_us);
+            let kernel_us = (bt - before_write - run).min(total_us - vmm_setup_us);
             VmPhases {
-                vmm_setup_us: v,
-                kernel_us: rest - v,
-                probe_init_us,
+                vmm_setup_us,
+                kernel_us,
+                probe_init_us: total_us - vmm_setup_us - kernel_us,
+                kernel_source: KernelSource::BootTimer,
             }
         }
-        None => {
-            let k = guest_uptime_at_init_us.min(rest);
+        (Some(run), _) => {
+            let probe_init_us = guest.init_to_hello_us.min(total_us);
+            let rest = total_us - probe_init_us;
+            let vmm_setup_us = o.saturating_add(run).min(rest);
             VmPhases {
-                vmm_setup_us: rest - k,
-                kernel_us: k,
+                vmm_setup_us,
+                kernel_us: rest - vmm_setup_us,
                 probe_init_us,
+                kernel_source: KernelSource::VmmFirstRun,
+            }
+        }
+        (None, _) => {
+            let probe_init_us = guest.init_to_hello_us.min(total_us);
+            let rest = total_us - probe_init_us;
+            let kernel_us = guest.uptime_at_init_us.min(rest);
+            VmPhases {
+                vmm_setup_us: rest - kernel_us,
+                kernel_us,
+                probe_init_us,
+                kernel_source: KernelSource::GuestUptime,
             }
         }
     }
+}
+
+/// "Process running" → the VMM's `main`, µs on the host's clock: `running_at` against the
+/// VMM's `start_monotonic_ns` (both CLOCK_MONOTONIC; std's `Instant` is that clock on
+/// Linux). `None` if the VMM did not say, 0 if its `main` seems to precede `running_at`.
+pub fn vmm_main_after(running_at: Instant, vmm: &VmmTimes) -> Option<u64> {
+    let start = vmm.start_monotonic_ns?;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return None;
+    }
+    let now_ns = (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64);
+    let running_ns = now_ns.saturating_sub(running_at.elapsed().as_nanos() as u64);
+    Some(start.saturating_sub(running_ns) / 1000)
 }
 
 /// Host CPU frequency in kHz (`cpu MHz` in /proc/cpuinfo), for `tsc_early_khz=` when the
@@ -554,34 +651,218 @@ pub fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
+    fn guest(uptime: u64, to_hello: u64, marker: Option<u64>) -> GuestTimes {
+        GuestTimes {
+            uptime_at_init_us: uptime,
+            init_to_hello_us: to_hello,
+            boot_timer_marker_us: marker,
+        }
+    }
+
+    fn vmm(run: Option<u64>, bt: Option<u64>) -> VmmTimes {
+        VmmTimes {
+            start_monotonic_ns: Some(1),
+            first_kvm_run_us: run,
+            boot_timer_us: bt,
+        }
+    }
+
+    fn sum(w: &VmPhases) -> u64 {
+        w.vmm_setup_us + w.kernel_us + w.probe_init_us
+    }
+
     #[test]
-    fn waterfall_sums_to_total() {
-        // QEMU: guest says the kernel took 600 ms to reach init, init → Hello 50 ms.
-        let w = waterfall(900_000, 600_000, 50_000, None);
+    fn waterfall_from_the_boot_timer() {
+        // vmm-lite: main 800 µs after "process running", first KVM_RUN 2 ms into main, the
+        // boot-timer write 60 ms into main, 150 µs after the probe started; Hello read
+        // 100 ms after "process running". The guest's clocks are not used for the split.
+        let w = waterfall(
+            100_000,
+            guest(55_000, 10_000, Some(150)),
+            vmm(Some(2_000), Some(60_000)),
+            Some(800),
+        );
+        assert_eq!(
+            w,
+            VmPhases {
+                vmm_setup_us: 2_800,
+                kernel_us: 57_850,
+                probe_init_us: 39_350,
+                kernel_source: KernelSource::BootTimer,
+            }
+        );
+        // Without the probe's marker or the VMM's anchor: the write itself is init start,
+        // main is "process running".
+        let w = waterfall(
+            100_000,
+            guest(55_000, 10_000, None),
+            vmm(Some(2_000), Some(60_000)),
+            None,
+        );
+        assert_eq!(
+            (w.vmm_setup_us, w.kernel_us, w.probe_init_us),
+            (2_000, 58_000, 40_000)
+        );
+        // The probe's time before the write cannot push init start before the kernel ran.
+        let w = waterfall(
+            100_000,
+            guest(0, 0, Some(1_000_000)),
+            vmm(Some(2_000), Some(3_000)),
+            None,
+        );
+        assert_eq!((w.vmm_setup_us, w.kernel_us), (2_000, 0));
+        assert_eq!(w.kernel_source, KernelSource::BootTimer);
+    }
+
+    #[test]
+    fn waterfall_fallbacks() {
+        // QEMU: no VMM report; the guest says the kernel took 600 ms to reach init,
+        // init → Hello 50 ms.
+        let w = waterfall(
+            900_000,
+            guest(600_000, 50_000, None),
+            VmmTimes::default(),
+            None,
+        );
         assert_eq!(
             w,
             VmPhases {
                 vmm_setup_us: 250_000,
                 kernel_us: 600_000,
-                probe_init_us: 50_000
+                probe_init_us: 50_000,
+                kernel_source: KernelSource::GuestUptime,
             }
         );
-        // vmm-lite: first KVM_RUN 2 ms after VMM start.
-        let w = waterfall(100_000, 80_000, 10_000, Some(2_000));
+        // vmm-lite without a boot-timer write (older kernel, the write failed): first
+        // KVM_RUN 2 ms after main, main 500 µs after "process running"; the kernel is the rest.
+        let w = waterfall(
+            100_000,
+            guest(80_000, 10_000, None),
+            vmm(Some(2_000), None),
+            Some(500),
+        );
+        assert_eq!(
+            w,
+            VmPhases {
+                vmm_setup_us: 2_500,
+                kernel_us: 87_500,
+                probe_init_us: 10_000,
+                kernel_source: KernelSource::VmmFirstRun,
+            }
+        );
+        // A boot-timer before the first KVM_RUN is not believed.
+        let w = waterfall(
+            100_000,
+            guest(80_000, 10_000, Some(5)),
+            vmm(Some(2_000), Some(1_000)),
+            None,
+        );
+        assert_eq!(w.kernel_source, KernelSource::VmmFirstRun);
         assert_eq!(
             (w.vmm_setup_us, w.kernel_us, w.probe_init_us),
             (2_000, 88_000, 10_000)
         );
+        // A boot-timer without a first KVM_RUN cannot be placed either.
+        let w = waterfall(
+            100_000,
+            guest(80_000, 10_000, None),
+            vmm(None, Some(50_000)),
+            None,
+        );
+        assert_eq!(w.kernel_source, KernelSource::GuestUptime);
+    }
+
+    #[test]
+    fn waterfall_clamps_and_always_sums_to_total() {
         // Clock disagreement never produces a negative or overflowing phase.
-        for (t, u, p, v) in [
-            (10, 1_000_000, 5, None),
-            (10, 0, 50, None),
-            (10, 5, 5, Some(100)),
-            (0, 0, 0, Some(0)),
-        ] {
-            let w = waterfall(t, u, p, v);
-            assert_eq!(w.vmm_setup_us + w.kernel_us + w.probe_init_us, t, "{w:?}");
+        let many = [0, 1, 5, 10, 50, 100, 1_000_000, u64::MAX];
+        let opts = [None, Some(0), Some(5), Some(100), Some(u64::MAX)];
+        for total in [0, 10, 100_000] {
+            for &uptime in &many {
+                for &to_hello in &many {
+                    for marker in opts {
+                        for run in opts {
+                            for bt in opts {
+                                for main in opts {
+                                    let w = waterfall(
+                                        total,
+                                        guest(uptime, to_hello, marker),
+                                        vmm(run, bt),
+                                        main,
+                                    );
+                                    assert_eq!(sum(&w), total, "{w:?}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
+        // Examples of each clamp: the VMM's phases beyond the total.
+        let w = waterfall(10, guest(0, 0, None), vmm(Some(100), Some(200)), Some(5));
+        assert_eq!((w.vmm_setup_us, w.kernel_us, w.probe_init_us), (10, 0, 0));
+        let w = waterfall(10, guest(0, 0, None), vmm(Some(4), Some(200)), None);
+        assert_eq!((w.vmm_setup_us, w.kernel_us, w.probe_init_us), (4, 6, 0));
+        // The guest's init → Hello beyond the total.
+        let w = waterfall(10, guest(1_000_000, 50, None), vmm(Some(5), None), None);
+        assert_eq!((w.vmm_setup_us, w.kernel_us, w.probe_init_us), (0, 0, 10));
+        let w = waterfall(10, guest(1_000_000, 5, None), VmmTimes::default(), None);
+        assert_eq!((w.vmm_setup_us, w.kernel_us, w.probe_init_us), (0, 5, 5));
+    }
+
+    #[test]
+    fn guest_times_from_hello() {
+        let h = wire::Hello {
+            uptime_at_init_us: 61_000,
+            sent_since_init_ns: 9_000_500,
+            markers: vec![
+                wire::Marker {
+                    name: "init_start".into(),
+                    since_init_ns: 0,
+                },
+                wire::Marker {
+                    name: "boot_timer".into(),
+                    since_init_ns: 152_999,
+                },
+                wire::Marker {
+                    name: "mounts_done".into(),
+                    since_init_ns: 400_000,
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(GuestTimes::of_hello(&h), guest(61_000, 9_000, Some(152)));
+        // A probe whose write failed (or that was not asked) has no such marker.
+        let h = wire::Hello {
+            markers: vec![wire::Marker {
+                name: "boot_timer_failed".into(),
+                since_init_ns: 5_000,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(GuestTimes::of_hello(&h).boot_timer_marker_us, None);
+    }
+
+    #[test]
+    fn vmm_main_on_the_host_clock() {
+        let running_at = Instant::now();
+        let mut t = VmmTimes::default();
+        assert_eq!(vmm_main_after(running_at, &t), None);
+        // A main that "started" before the process was running counts as 0.
+        t.start_monotonic_ns = Some(1);
+        assert_eq!(vmm_main_after(running_at, &t), Some(0));
+        // A main 3 ms after `running_at` (std's Instant is CLOCK_MONOTONIC on Linux).
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid out pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let now_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        let running_ns = now_ns - running_at.elapsed().as_nanos() as u64;
+        t.start_monotonic_ns = Some(running_ns + 3_000_000);
+        let got = vmm_main_after(running_at, &t).unwrap();
+        assert!((2_990..=3_010).contains(&got), "{got}");
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! guest kernel with the function's initramfs, its virtio-vsock device forwarding the
 //! probe's connection to `<uds>_52`. Needs hardware KVM.
 //!
-//! vmm-lite reports its phase timestamps (process start, first KVM_RUN, ...) on its control
-//! socket; the driver reads them after Hello for the cold-start waterfall.
+//! vmm-lite reports its phase timestamps (process start, first KVM_RUN, the guest's
+//! boot-timer write, ...) on its control socket; the driver reads them after Hello for the
+//! cold-start waterfall. The guest learns where the boot-timer device is from
+//! `sandscope.boot_timer=0xd0000000` on its kernel command line (QEMU has no such device
+//! and passes no such argument).
 
 use super::vm::{self, Images, VmDir, VmPlan};
 use super::{BoxFuture, Driver, DriverError, LinkSource, SandboxSpec, Spawned};
@@ -92,11 +95,39 @@ pub fn vmm_args(
     ]
 }
 
-/// `phases.first_kvm_run_us` of vmm-lite's metrics JSON: VMM start → first KVM_RUN.
-pub fn parse_vmm_setup_us(metrics_json: &str) -> Option<u64> {
+/// Guest-physical address of vmm-lite's boot-timer device (`vmm-lite/src/devices/
+/// boot_timer.rs`, Firecracker's layout), handed to the guest probe on the kernel command
+/// line as `sandscope.boot_timer=`.
+pub const BOOT_TIMER_ADDR: u64 = 0xd000_0000;
+
+/// The kernel command-line argument naming the boot-timer device to the probe.
+pub fn boot_timer_arg() -> String {
+    format!("sandscope.boot_timer={BOOT_TIMER_ADDR:#x}")
+}
+
+/// The guest's kernel command line under vmm-lite: `reboot=k` (vmm-lite exits on the
+/// i8042 reset) and the boot-timer device's address, where the probe (init) writes its
+/// marker so that the kernel phase ends on vmm-lite's clock.
+pub fn guest_cmdline(id: &str, host_id: &str) -> String {
+    vm::guest_cmdline("k", id, host_id, &[boot_timer_arg()])
+}
+
+/// The boot's timestamps in vmm-lite's metrics JSON (`start_monotonic_ns`, and
+/// `phases.first_kvm_run_us` / `phases.boot_timer_us`, µs since its `main`; null until
+/// they happen). `None` if the document is not one; each field is `None` if absent, null,
+/// negative or not a number.
+pub fn parse_vmm_times(metrics_json: &str) -> Option<vm::VmmTimes> {
     let v: serde_json::Value = serde_json::from_str(metrics_json.trim()).ok()?;
-    let us = v.get("phases")?.get("first_kvm_run_us")?.as_f64()?;
-    (us.is_finite() && us >= 0.0).then(|| us.round() as u64)
+    let phases = v.get("phases")?;
+    let us = |name: &str| {
+        let us = phases.get(name)?.as_f64()?;
+        (us.is_finite() && us >= 0.0).then(|| us.round() as u64)
+    };
+    Some(vm::VmmTimes {
+        start_monotonic_ns: v.get("start_monotonic_ns").and_then(|n| n.as_u64()),
+        first_kvm_run_us: us("first_kvm_run_us"),
+        boot_timer_us: us("boot_timer_us"),
+    })
 }
 
 /// Ask vmm-lite's control socket for its metrics line.
@@ -142,7 +173,7 @@ impl Driver for VmmLiteDriver {
                 control: dir.join("control.sock"),
                 metrics: dir.join("metrics.json"),
             };
-            let cmdline = vm::guest_cmdline("k", &spec.id, &spec.host_id, &[]);
+            let cmdline = guest_cmdline(&spec.id, &spec.host_id);
             let args = vmm_args(
                 &self.images.kernel.bzimage,
                 initrd,
@@ -208,18 +239,72 @@ mod tests {
     }
 
     #[test]
-    fn metrics_parsing() {
-        let j = r#"{"version":1,"phases":{"process_start_us":0.0,"memory_ready_us":310.2,
-            "kernel_loaded_us":900.0,"first_kvm_run_us":1234.6,"boot_timer_us":null}}"#;
-        assert_eq!(parse_vmm_setup_us(j), Some(1235));
+    fn guest_cmdline_names_the_boot_timer() {
+        let c = guest_cmdline("sb-1", "h1");
         assert_eq!(
-            parse_vmm_setup_us(r#"{"phases":{"first_kvm_run_us":null}}"#),
-            None
+            c,
+            "console=ttyS0 reboot=k panic=-1 quiet sandscope.id=sb-1 sandscope.host=h1 \
+             sandscope.boot_timer=0xd0000000"
         );
-        assert_eq!(parse_vmm_setup_us("garbage"), None);
+        // The probe reads the address back exactly.
+        let v = c
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("sandscope.boot_timer="))
+            .unwrap();
         assert_eq!(
-            parse_vmm_setup_us(r#"{"phases":{"first_kvm_run_us":-5}}"#),
-            None
+            u64::from_str_radix(v.trim_start_matches("0x"), 16),
+            Ok(BOOT_TIMER_ADDR)
+        );
+    }
+
+    /// A live `metrics` answer as vmm-lite writes it (vmm-lite/README.md "Metrics"; no
+    /// `memory`, `exit` null), the guest past its boot-timer write.
+    const LIVE: &str = r#"{"version":1,"start_monotonic_ns":834550203400,"uptime_us":48211.5,"phases":{"process_start_us":0.0,"memory_ready_us":727.1,"kernel_loaded_us":781.0,"first_kvm_run_us":1475.2,"boot_timer_us":31719.4,"guest_stop_us":null},"exit":null,"vcpu_exits":{"io_in":12,"io_out":940,"mmio_read":31,"mmio_write":58,"hlt":3,"shutdown":0,"error":0,"intr":7,"other":0},"serial":{"tx_bytes":930,"rx_bytes":0},"vsock":{"tx_packets":3,"tx_bytes":612,"rx_packets":2,"rx_bytes":40,"conns_opened":1,"conns_closed":0,"rst_sent":0,"malformed":0,"host_errors":0},"guest_errors":{"bad_io":0,"bad_mmio_reg":0}}"#;
+
+    #[test]
+    fn metrics_parsing() {
+        assert_eq!(
+            parse_vmm_times(&format!("{LIVE}\n")),
+            Some(vm::VmmTimes {
+                start_monotonic_ns: Some(834_550_203_400),
+                first_kvm_run_us: Some(1475),
+                boot_timer_us: Some(31_719),
+            })
+        );
+        // A guest that never wrote the marker (older kernel, no /dev/mem, QEMU-style image).
+        let no_bt = LIVE.replace(r#""boot_timer_us":31719.4"#, r#""boot_timer_us":null"#);
+        let t = parse_vmm_times(&no_bt).unwrap();
+        assert_eq!((t.first_kvm_run_us, t.boot_timer_us), (Some(1475), None));
+        // An older vmm-lite without the field at all, or without start_monotonic_ns.
+        let t = parse_vmm_times(
+            r#"{"version":1,"phases":{"process_start_us":0.0,"first_kvm_run_us":1234.6}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            vm::VmmTimes {
+                start_monotonic_ns: None,
+                first_kvm_run_us: Some(1235),
+                boot_timer_us: None,
+            }
+        );
+        // Before the first KVM_RUN everything is null.
+        assert_eq!(
+            parse_vmm_times(r#"{"phases":{"first_kvm_run_us":null,"boot_timer_us":null}}"#),
+            Some(vm::VmmTimes::default())
+        );
+        // Nonsense values are dropped field by field; a non-document is None.
+        let t = parse_vmm_times(
+            r#"{"start_monotonic_ns":-1,"phases":{"first_kvm_run_us":-5,"boot_timer_us":"12"}}"#,
+        )
+        .unwrap();
+        assert_eq!(t, vm::VmmTimes::default());
+        assert_eq!(parse_vmm_times("garbage"), None);
+        assert_eq!(parse_vmm_times(""), None);
+        assert_eq!(parse_vmm_times(r#"{"version":1}"#), None);
+        assert_eq!(
+            parse_vmm_times(r#"{"phases":1}"#).map(|t| t.first_kvm_run_us),
+            Some(None)
         );
     }
 }
