@@ -121,7 +121,7 @@ pub const VM_ARGS_FILE: &str = "/etc/sandscope/probe.args";
 /// `--sandbox-id ID` from `sandscope.id=ID` (and `--host-id H` from `sandscope.host=H`) on
 /// the kernel command line, then `extra`
 /// (what the kernel passed after `--`).
-pub fn vm_init_args(args_file: &str, kernel_cmdline: &str, extra: Vec<String>) -> Vec<String> {
+pub fn vm_init_args(args_file: &str, kernel_cmdline: &str) -> Vec<String> {
     let mut v: Vec<String> = args_file
         .lines()
         .filter(|l| !l.is_empty())
@@ -139,7 +139,6 @@ pub fn vm_init_args(args_file: &str, kernel_cmdline: &str, extra: Vec<String>) -
             v.push(val.to_string());
         }
     }
-    v.extend(extra);
     v
 }
 
@@ -396,7 +395,6 @@ mod tests {
         let v = vm_init_args(
             "--connect\nvsock:2:52\n--handler\n./handler.sh --flag\n--env\nA=b=c\n",
             "console=ttyS0 quiet sandscope.id=sb-7 sandscope.host=h1 tsc_early_khz=2000",
-            vec![],
         );
         let a = Args::parse(v).unwrap();
         assert_eq!(a.sandbox_id, "sb-7");
@@ -405,7 +403,7 @@ mod tests {
         assert_eq!(a.handler, "./handler.sh --flag");
         assert_eq!(a.env, vec![("A".to_string(), "b=c".to_string())]);
         // No id on the command line: the parser says what is missing.
-        let v = vm_init_args("--connect\nvsock:2:52\n--handler\nx\n", "quiet", vec![]);
+        let v = vm_init_args("--connect\nvsock:2:52\n--handler\nx\n", "quiet");
         assert_eq!(Args::parse(v), Err(ArgsError::Required("--sandbox-id")));
         let e = Args::parse([
             "--sandbox-id",

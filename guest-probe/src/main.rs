@@ -33,7 +33,16 @@ fn main() {
         boot_timer::mark_boot(pid1, vm_init, &cmdline, &clock, &mut markers);
         setup::mount_missing();
         let file = std::fs::read_to_string(args::VM_ARGS_FILE).unwrap_or_default();
-        args::vm_init_args(&file, &cmdline, std::env::args().skip(1).collect())
+        // Linux hands init the command-line words it does not know (vmm-lite's `nomodule`
+        // on a kernel without modules, say): they are not ours, so they are ignored.
+        let leftovers: Vec<String> = std::env::args().skip(1).collect();
+        if !leftovers.is_empty() {
+            eprintln!(
+                "guest-probe: ignoring kernel parameters handed to init: {}",
+                leftovers.join(" ")
+            );
+        }
+        args::vm_init_args(&file, &cmdline)
     } else {
         std::env::args().skip(1).collect()
     };

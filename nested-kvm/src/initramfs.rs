@@ -1,5 +1,5 @@
 //! L1's initramfs: static busybox, the L1 kernel's modules and an `/init` that loads them,
-//! mounts the host's root read-only over 9p at `/newroot` with L1's own proc, sys, dev,
+//! brings up loopback, mounts the host's root read-only over 9p at `/newroot` with L1's own proc, sys, dev,
 //! devpts, cgroup2 and a tmpfs `/run` and `/tmp`, copies the run's script to
 //! `/run/l1/run.sh` and runs it chrooted, then prints the exit marker and powers off.
 //!
@@ -27,6 +27,7 @@ say() { echo "sandscope-l1: $*" >/dev/console; }
 for m in $(cat /etc/l1-modules); do
     insmod /lib/l1/$m.ko >/dev/console 2>&1 || say "insmod $m failed"
 done
+ifconfig lo 127.0.0.1 up || say "cannot bring up loopback"
 [ -c /dev/kvm ] || say "no /dev/kvm: kvm_amd did not load (is QEMU's -cpu max missing svm?)"
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /newroot; then
     say "cannot mount the host's root over 9p"
@@ -52,7 +53,7 @@ poweroff -f
 "#;
 
 const APPLETS: &[&str] = &[
-    "sh", "mount", "mkdir", "insmod", "cat", "cp", "chroot", "poweroff", "echo",
+    "sh", "mount", "mkdir", "insmod", "cat", "cp", "chroot", "poweroff", "echo", "ifconfig",
 ];
 
 /// The cached base archive for `kernel` (written on first use).
