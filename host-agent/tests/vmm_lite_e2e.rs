@@ -40,7 +40,12 @@ fn vmm_processes(id: &str) -> Vec<u32> {
 
 /// An agent whose driver is what `auto` selects; asserts it is vmm-lite.
 async fn start_auto(funcs: &[common::Func<'_>], agent_extra: &str) -> TestAgent {
-    common::start_with(funcs, agent_extra, |cfg| {
+    start_auto_more(funcs, agent_extra, "").await
+}
+
+/// [`start_auto`] with `more` appended to the config.
+async fn start_auto_more(funcs: &[common::Func<'_>], agent_extra: &str, more: &str) -> TestAgent {
+    common::start_with_more(funcs, agent_extra, more, |cfg| {
         let (d, why) = drivers::select(cfg).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d.name(), "vmm-lite", "auto picked {}: {why}", d.name());
         d
@@ -67,7 +72,15 @@ async fn auto_picks_vmm_lite_cold_then_warm_with_waterfall_shell_and_clean_teard
     {
         return;
     }
-    let a = start_auto(
+    // A real collector receives the cold start's span (rotel; under CI it must be there).
+    let rotel = common::rotel().map(|bin| common::otlp::start_rotel(&bin));
+    let otlp = rotel.as_ref().map_or(String::new(), |r| {
+        format!(
+            "\n[otlp]\nendpoint = \"http://127.0.0.1:{}\"\ninterval_s = 0.05\n[otlp.metrics]\nenabled = false\n",
+            r.http
+        )
+    });
+    let a = start_auto_more(
         &[
             func("hello", HELLO, "memory_mb = 96\ntimeout_s = 30"),
             func(
@@ -77,6 +90,7 @@ async fn auto_picks_vmm_lite_cold_then_warm_with_waterfall_shell_and_clean_teard
             ),
         ],
         "boot_timeout_s = 90",
+        &otlp,
     )
     .await;
     let state_dir = a.agent.config().state_dir.clone();
@@ -126,6 +140,43 @@ async fn auto_picks_vmm_lite_cold_then_warm_with_waterfall_shell_and_clean_teard
     eprintln!(
         "cold start in L1: spawn {spawn} us, vmm_setup {vmm} us, kernel {kernel} us, probe_init {probe} us, runtime_init {runtime} us; request {cold_wall_us} us"
     );
+
+    // The cold start's span: the invocation with one child per phase, on one timeline.
+    if let Some(r) = &rotel {
+        let id = r1.request_id.clone();
+        let spans = common::otlp::until(&r.spans, "the cold start's spans", |v| {
+            v.iter()
+                .any(|s| s["attributes"]["faas.invocation_id"] == id.as_str())
+                && v.iter().filter(|s| s["name"] == "kernel").count() >= 1
+        })
+        .await;
+        let root = spans
+            .iter()
+            .find(|s| s["attributes"]["faas.invocation_id"] == id.as_str())
+            .unwrap();
+        assert_eq!(root["attributes"]["faas.coldstart"], true, "{root}");
+        assert_eq!(root["resource"]["sandscope.driver"], "vmm-lite", "{root}");
+        assert_eq!(
+            root["resource"]["faas.instance"],
+            r1.sandbox.as_str(),
+            "{root}"
+        );
+        let kids: Vec<&str> = spans
+            .iter()
+            .filter(|s| s["parent_span_id"] == root["span_id"])
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        for want in [
+            "spawn",
+            "vmm_setup",
+            "kernel",
+            "probe_init",
+            "runtime_init",
+            "invoke",
+        ] {
+            assert!(kids.contains(&want), "{want} missing from {kids:?}");
+        }
+    }
 
     // Warm: the same VM answers; a persistent runtime keeps its state.
     let r2 = a.invoke("hello", r#"{"n":2}"#).await;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod otlp;
 pub mod ssh;
 
 use host_agent::config::AgentConfig;
@@ -77,12 +78,13 @@ pub fn func<'a>(name: &'a str, script: &'a str, extra: &'a str) -> Func<'a> {
 
 /// Write the functions and a config, start an agent.
 pub async fn start(funcs: &[Func<'_>], agent_extra: &str) -> TestAgent {
-    start_with(funcs, agent_extra, |cfg| {
-        let d = host_agent::drivers::process::ProcessDriver::new(cfg)
-            .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
-        Arc::new(d)
-    })
-    .await
+    start_with(funcs, agent_extra, process_driver).await
+}
+
+fn process_driver(cfg: &AgentConfig) -> Arc<dyn host_agent::drivers::Driver> {
+    let d = host_agent::drivers::process::ProcessDriver::new(cfg)
+        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
+    Arc::new(d)
 }
 
 /// Like [`start`], with the driver built by `make_driver`.
@@ -91,30 +93,22 @@ pub async fn start_with(
     agent_extra: &str,
     make_driver: impl FnOnce(&AgentConfig) -> Arc<dyn host_agent::drivers::Driver>,
 ) -> TestAgent {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), funcs, agent_extra);
-    let cfg = AgentConfig::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let driver = make_driver(&cfg);
-    let agent = Agent::with_driver(cfg, driver, "test driver".into())
-        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(host_agent::api::serve(agent.clone(), listener, async {
-        let _ = rx.await;
-    }));
-    TestAgent {
-        agent,
-        url,
-        http: reqwest::Client::new(),
-        _dir: dir,
-        stop: Some(tx),
-    }
+    start_with_more(funcs, agent_extra, "", make_driver).await
 }
 
 /// Like [`start`] (process driver), with `more` appended to the generated config, e.g. a
 /// `[[functions]]` table whose code directory is an example in the repository.
 pub async fn start_more(funcs: &[Func<'_>], agent_extra: &str, more: &str) -> TestAgent {
+    start_with_more(funcs, agent_extra, more, process_driver).await
+}
+
+/// The general form: `more` appended to the config, the driver built by `make_driver`.
+pub async fn start_with_more(
+    funcs: &[Func<'_>],
+    agent_extra: &str,
+    more: &str,
+    make_driver: impl FnOnce(&AgentConfig) -> Arc<dyn host_agent::drivers::Driver>,
+) -> TestAgent {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), funcs, agent_extra);
     let mut text = std::fs::read_to_string(&cfg).unwrap();
@@ -123,9 +117,8 @@ pub async fn start_more(funcs: &[Func<'_>], agent_extra: &str, more: &str) -> Te
     let cfg = AgentConfig::load(&cfg).unwrap_or_else(|e| panic!("{e}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let driver = host_agent::drivers::process::ProcessDriver::new(&cfg)
-        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
-    let agent = Agent::with_driver(cfg, Arc::new(driver), "test driver".into())
+    let driver = make_driver(&cfg);
+    let agent = Agent::with_driver(cfg, driver, "test driver".into())
         .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(host_agent::api::serve(agent.clone(), listener, async {
@@ -174,6 +167,8 @@ pub struct Resp {
     pub status: u16,
     pub cold: bool,
     pub sandbox: String,
+    /// `x-amzn-RequestId`: the invocation id (`faas.invocation_id` on its span).
+    pub request_id: String,
     pub function_error: Option<String>,
     pub body: String,
 }
@@ -205,12 +200,14 @@ impl TestAgent {
         let status = r.status().as_u16();
         let cold = h("x-sandscope-coldstart").as_deref() == Some("true");
         let sandbox = h("x-sandscope-sandbox-id").unwrap_or_default();
+        let request_id = h("x-amzn-requestid").unwrap_or_default();
         let function_error = h("x-amz-function-error");
         let body = r.text().await.unwrap();
         Resp {
             status,
             cold,
             sandbox,
+            request_id,
             function_error,
             body,
         }
