@@ -113,9 +113,6 @@ impl ExitHandler for DeviceBus {
                 }
             }
             I8042_DATA | I8042_CMD if !data.is_empty() => {
-                if port == I8042_CMD && data[0] == 0xfe {
-                    self.metrics.guest_stop.mark(self.metrics.start);
-                }
                 self.i8042.write(port, data[0]);
             }
             EXIT_PORT if !data.is_empty() => {
@@ -296,7 +293,7 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
     let out = SerialOut::new(open_serial_out(&cfg.serial_out)?, metrics.clone());
     let bus = Arc::new(DeviceBus {
         serial: Mutex::new(new_serial(serial_irq, out)),
-        i8042: I8042::new(exit.clone()),
+        i8042: I8042::new(exit.clone(), metrics.clone()),
         exit_port: ExitPort::new(exit.clone()),
         boot_timer: BootTimer::new(metrics.clone(), cfg.quiet),
         virtio: vsock_transport

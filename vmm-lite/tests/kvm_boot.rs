@@ -392,3 +392,27 @@ fn control_socket_serves_metrics_and_stop() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert!(!sock.exists(), "control socket removed on exit");
 }
+
+/// Linux polled a controller that answered 0 on both ports (10,004 status reads, "Can't read
+/// CTR while initializing", 1-2 s of boot). The guest runs Linux's flush loop and the reboot
+/// path's kb_wait loop and must decide "no controller" and "ready for the reset" at once.
+#[test]
+fn i8042_looks_absent_to_linux_at_once_and_reset_is_fast() {
+    if !kvm_available("i8042") {
+        return;
+    }
+    let d = scratch();
+    let k = i8042probe(&d);
+    let r = run_vmm(&d, &["--kernel", k.to_str().unwrap()]);
+    assert_eq!(
+        r.code(),
+        0,
+        "10+N: flush saw an empty controller after N data reads, 50: IBF stuck; stderr: {}",
+        r.stderr()
+    );
+    let m = r.metrics();
+    assert_eq!(m["exit"]["reason"], "i8042-reset");
+    // flush: 17 status + 16 data reads; kb_wait: 1 status read.
+    assert_eq!(m["vcpu_exits"]["io_in"], 34, "{m}");
+    assert_eq!(m["guest_errors"]["bad_io"], 0, "{m}");
+}

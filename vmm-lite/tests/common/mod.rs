@@ -198,3 +198,8 @@ pub fn vsock_guest(dir: &Path) -> PathBuf {
 pub fn mpcount(dir: &Path) -> PathBuf {
     build_guest(dir, "mpcount", &["mpcount.S"], &[], Kind::Elf)
 }
+
+/// The guest that probes the i8042 like Linux (flush, then kb_wait) and resets through it.
+pub fn i8042probe(dir: &Path) -> PathBuf {
+    build_guest(dir, "i8042probe", &["i8042probe.S"], &[], Kind::Elf)
+}
