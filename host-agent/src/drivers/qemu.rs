@@ -99,16 +99,6 @@ impl QemuDriver {
             tsc_khz: vm::host_tsc_khz(),
         })
     }
-
-    /// The kernel QEMU boots: the uncompressed vmlinux through its PVH entry when there is
-    /// one (under TCG this skips the emulated decompressor: ~0.7 s), else the bzImage.
-    pub fn kernel(&self) -> &Path {
-        self.images
-            .kernel
-            .vmlinux
-            .as_deref()
-            .unwrap_or(&self.images.kernel.bzimage)
-    }
 }
 
 /// QEMU's command line for one guest.
@@ -188,7 +178,7 @@ impl Driver for QemuDriver {
                 Accel::Kvm => "KVM",
                 Accel::Tcg => "TCG emulation: no hardware KVM here",
             },
-            self.kernel().display()
+            self.images.boot_kernel().display()
         )
     }
 
@@ -225,7 +215,7 @@ impl Driver for QemuDriver {
                     self.accel,
                     mem,
                     vcpus,
-                    self.kernel(),
+                    self.images.boot_kernel(),
                     initrd,
                     &cmdline,
                     &vhost_sock,

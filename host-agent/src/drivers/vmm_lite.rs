@@ -155,7 +155,7 @@ impl Driver for VmmLiteDriver {
         format!(
             "vmm-lite KVM microVM ({}), kernel {}",
             self.vmm.display(),
-            self.images.kernel.bzimage.display()
+            self.images.boot_kernel().display()
         )
     }
 
@@ -175,7 +175,7 @@ impl Driver for VmmLiteDriver {
             };
             let cmdline = guest_cmdline(&spec.id, &spec.host_id);
             let args = vmm_args(
-                &self.images.kernel.bzimage,
+                self.images.boot_kernel(),
                 initrd,
                 &cmdline,
                 mem,
