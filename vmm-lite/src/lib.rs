@@ -13,6 +13,7 @@
 //! - [`vstate`] creates the VM and its vCPUs and runs them.
 //! - [`devices`] holds the device models. The virtio-vsock device is generic over its
 //!   backend ([`devices::vsock::VsockBackend`]) so it is tested without KVM.
+//! - [`signals`] blocks the control signals before `main` runs.
 //! - [`metrics`] holds atomic counters and phase timestamps, serialised to JSON.
 //! - [`vmm`] wires it all together and runs the event loop.
 #![warn(missing_docs)]
@@ -24,5 +25,6 @@ pub mod host;
 pub mod metrics;
 pub mod mptable;
 pub mod ratelimit;
+pub mod signals;
 pub mod vmm;
 pub mod vstate;

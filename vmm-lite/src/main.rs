@@ -62,7 +62,26 @@ struct Cli {
     control_sock: Option<PathBuf>,
 }
 
+/// Blocks SIGUSR1/SIGTERM/SIGINT before `main`: the C library runs `.init_array` entries
+/// once the dynamic loader is done, before the Rust runtime's own initialisation (which
+/// takes a while under PVM). From here on such a signal stays pending until the event loop
+/// reads it instead of ending the process with its default action; only the kernel's exec
+/// and the dynamic loader come earlier. (std captures argv the same way on glibc.)
+#[used]
+#[link_section = ".init_array"]
+static BLOCK_CONTROL_SIGNALS: extern "C" fn() = block_control_signals_before_main;
+
+extern "C" fn block_control_signals_before_main() {
+    // Only libc calls: nothing here needs the Rust runtime. A failure is reported by `main`.
+    let _ = vmm_lite::signals::block_control_signals();
+}
+
 fn main() {
+    // First thing in main as well (a no-op when the constructor ran): threads created from
+    // here on inherit the mask, and the signalfd created by `run` picks up what is pending.
+    if let Err(e) = vmm_lite::signals::block_control_signals() {
+        fail(&e);
+    }
     let start = Instant::now();
     let metrics = Arc::new(Metrics::new(start));
     let cli = Cli::parse();

@@ -27,6 +27,7 @@ use crate::devices::vsock::VsockDevice;
 use crate::devices::{ExitHandle, IrqLine, StopReason};
 use crate::host::{self, HostError, KvmKind};
 use crate::metrics::Metrics;
+use crate::signals;
 use crate::vstate::{self, ExitHandler, VstateError};
 
 /// First virtio-mmio device address.
@@ -151,28 +152,6 @@ impl ExitHandler for DeviceBus {
     }
 }
 
-/// Blocks the signals the event loop handles, so vCPU threads inherit the mask, and returns
-/// a signalfd for them.
-fn signal_fd() -> std::io::Result<File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; these calls only modify it and the thread's mask.
-    let fd = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor returned by signalfd that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
 fn open_serial_out(cfg: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match cfg {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
@@ -220,11 +199,12 @@ fn epoll_add(ep: &Epoll, fd: RawFd, tok: u64) -> Result<(), VmmError> {
 /// Builds and runs a VM until it stops. Returns the stop reason (exit code inside).
 ///
 /// Meant to be called once per process, from `main`: it blocks SIGUSR1/SIGTERM/SIGINT in the
-/// calling thread (they are read from a signalfd), leaves vCPU threads behind, and unless
+/// calling thread (they are read from a signalfd; `main` should already have blocked them,
+/// see [`signals::block_control_signals`]), leaves vCPU threads behind, and unless
 /// `sync_teardown` is set forks the teardown helper ([`detach_teardown`]). The caller should
 /// exit the process with the returned code.
 pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError> {
-    let sigfd = signal_fd().map_err(io_err("cannot create signalfd"))?;
+    let sigfd = signals::control_signal_fd().map_err(io_err("cannot create signalfd"))?;
     let kind = host::kvm_kind();
     let kvm = host::open_kvm()?;
     let info = boot::inspect_kernel(&cfg.kernel)?;
