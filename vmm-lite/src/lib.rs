@@ -13,7 +13,8 @@
 //! - [`vstate`] creates the VM and its vCPUs and runs them.
 //! - [`devices`] holds the device models. The virtio-vsock device is generic over its
 //!   backend ([`devices::vsock::VsockBackend`]) so it is tested without KVM.
-//! - [`signals`] blocks the control signals before `main` runs.
+//! - [`signals`] blocks the control signals before `main` runs and kicks vCPU threads out
+//!   of KVM_RUN on stop.
 //! - [`metrics`] holds atomic counters and phase timestamps, serialised to JSON.
 //! - [`vmm`] wires it all together and runs the event loop.
 #![warn(missing_docs)]

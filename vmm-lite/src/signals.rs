@@ -1,6 +1,6 @@
 //! POSIX signals in vmm-lite.
 //!
-//! Process-wide, so it lives here rather than in the event loop:
+//! Two uses, both process-wide, so they live here rather than in the event loop:
 //!
 //! - **Control signals** ([`CONTROL_SIGNALS`]: SIGUSR1 dumps metrics, SIGTERM/SIGINT stop
 //!   the VM). The binary blocks them before `main` (an `.init_array` constructor) and again
@@ -9,9 +9,19 @@
 //!   line or building the VM stays pending instead of taking its default action (which ends
 //!   the process without metrics). The event loop reads them from a signalfd
 //!   ([`control_signal_fd`]); pending ones are delivered there at once.
+//! - **The vCPU kick** ([`kick_signal`], the first real-time signal). On stop, every vCPU
+//!   thread is sent it so that KVM_RUN returns EINTR. The handler sets `immediate_exit` in
+//!   the interrupted thread's `kvm_run` ([`ImmediateExitOnKick`]), so a kick that lands
+//!   between the vCPU's "stop requested?" check and its next KVM_RUN still makes that
+//!   KVM_RUN return at once instead of being lost.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::VcpuFd;
 
 /// The signals the event loop handles.
 pub const CONTROL_SIGNALS: [libc::c_int; 3] = [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT];
@@ -57,6 +67,86 @@ pub fn control_signal_fd() -> std::io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// The signal that kicks a vCPU thread out of KVM_RUN (SIGRTMIN, as the C library numbers
+/// it: glibc keeps the first two real-time signals for itself).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+thread_local! {
+    /// `kvm_run.immediate_exit` of the vCPU this thread runs, or null.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialised thread-local without destructor is a plain TLS slot: reading it
+    // is async-signal-safe.
+    let p = IMMEDIATE_EXIT.with(Cell::get);
+    if !p.is_null() {
+        // SAFETY: the pointer was registered by `ImmediateExitOnKick` on this thread and is
+        // cleared before the vCPU's kvm_run mapping goes away; it points at the one-byte
+        // `immediate_exit` field, which only the kernel reads (at KVM_RUN entry).
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+/// Installs the kick handler (process-wide). Idempotent.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Makes sure the calling thread can receive the kick (a thread spawned from one that blocked
+/// everything would not).
+pub fn unblock_kick_signal() -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; only it and the calling thread's mask change.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// While alive, a kick delivered to this thread sets `immediate_exit` of the registered vCPU.
+///
+/// Create it on the vCPU's thread after the `VcpuFd` and drop it before the `VcpuFd` (declare
+/// it after): the handler writes into the vCPU's `kvm_run` mapping. `immediate_exit` is
+/// never cleared: a kick means "stop", and the vCPU thread leaves its loop on the EINTR.
+#[derive(Debug)]
+pub struct ImmediateExitOnKick {
+    _not_send: std::marker::PhantomData<*mut u8>,
+}
+
+impl ImmediateExitOnKick {
+    /// Registers `vcpu`'s `immediate_exit` for this thread.
+    pub fn register(vcpu: &mut VcpuFd) -> Self {
+        let p: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(p));
+        ImmediateExitOnKick {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for ImmediateExitOnKick {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// Sends the kick to a (possibly finished but not yet joined) thread.
+pub fn kick<T>(thread: &JoinHandle<T>) {
+    // SAFETY: the handle is not joined, so its pthread_t is still valid (a thread that has
+    // already returned gets ESRCH or nothing); the signal has a handler installed.
+    unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +176,27 @@ mod tests {
                 i32::from_ne_bytes(info[..4].try_into().unwrap()),
                 libc::SIGUSR1
             );
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn kick_handler_sets_the_registered_byte_and_nothing_when_unregistered() {
+        install_kick_handler().unwrap();
+        std::thread::spawn(|| {
+            unblock_kick_signal().unwrap();
+            // Stand-in for kvm_run.immediate_exit.
+            let mut byte = 0u8;
+            IMMEDIATE_EXIT.with(|c| c.set(&mut byte));
+            // SAFETY: the handler is installed; it runs on this thread before pthread_kill
+            // returns (a thread-directed, unblocked signal is delivered on return to user).
+            unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+            IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+            // SAFETY: `byte` is a live local; the volatile read sees the handler's write.
+            assert_eq!(unsafe { std::ptr::read_volatile(&byte) }, 1);
+            // SAFETY: as above; with nothing registered the handler does nothing.
+            unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
         })
         .join()
         .unwrap();

@@ -2,16 +2,24 @@
 //!
 //! Threads: one per vCPU (port I/O and MMIO exits are handled on the vCPU thread), plus the
 //! caller's thread, which runs an epoll loop for the stop latch, signals (SIGUSR1 dumps
-//! metrics, SIGTERM/SIGINT stop the VM), serial input and the vsock device. [`run`] returns
-//! once the VM stopped; vCPU threads may still be parked inside KVM_RUN, so the caller is
-//! expected to exit the process (that is also the cheapest teardown under PVM).
+//! metrics, SIGTERM/SIGINT stop the VM), serial input and the vsock device.
+//!
+//! Stop: whoever stops the VM (a device, a vCPU, a signal, the control socket) sets the
+//! [`ExitHandle`] latch. The event loop then kicks every vCPU thread out of KVM_RUN
+//! ([`signals::kick`]) and joins them, waiting at most [`VCPU_STOP_TIMEOUT`], before it
+//! writes the metrics and returns; guest memory is only unmapped once no vCPU can run. The
+//! VM fd itself is left to the process exit or the detached teardown helper
+//! ([`detach_teardown`]), which is what keeps exiting fast under PVM.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -200,11 +208,14 @@ fn epoll_add(ep: &Epoll, fd: RawFd, tok: u64) -> Result<(), VmmError> {
 ///
 /// Meant to be called once per process, from `main`: it blocks SIGUSR1/SIGTERM/SIGINT in the
 /// calling thread (they are read from a signalfd; `main` should already have blocked them,
-/// see [`signals::block_control_signals`]), leaves vCPU threads behind, and unless
-/// `sync_teardown` is set forks the teardown helper ([`detach_teardown`]). The caller should
-/// exit the process with the returned code.
+/// see [`signals::block_control_signals`]), installs the vCPU kick handler, and unless
+/// `sync_teardown` is set forks the teardown helper ([`detach_teardown`]). When it returns,
+/// every vCPU thread has been joined (or, if one did not leave KVM_RUN within
+/// [`VCPU_STOP_TIMEOUT`], guest memory is left mapped); the caller should exit the process
+/// with the returned code.
 pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError> {
     let sigfd = signals::control_signal_fd().map_err(io_err("cannot create signalfd"))?;
+    signals::install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
     let kind = host::kvm_kind();
     let kvm = host::open_kvm()?;
     let info = boot::inspect_kernel(&cfg.kernel)?;
@@ -329,22 +340,38 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
         epoll_add(&ep, g.device().backend_fd(), TOK_VSOCK_BACKEND)?;
     }
 
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let (bus, m, e) = (bus.clone(), metrics.clone(), exit.clone());
-        let h = std::thread::Builder::new()
+        let done = DoneOnDrop(done_tx.clone(), id);
+        let spawned = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vstate::run_vcpu(vcpu, id as u8, bus, m, e))
-            .map_err(io_err("cannot spawn vCPU thread"))?;
-        threads.push(h);
+            .spawn(move || {
+                let _done = done;
+                vstate::run_vcpu(vcpu, id as u8, bus, m, e)
+            });
+        match spawned {
+            Ok(h) => threads.push(h),
+            Err(err) => {
+                exit.request("vmm-error", 1);
+                stop_vcpus_or_keep_memory(threads, &done_rx, &mem);
+                return Err(io_err("cannot spawn vCPU thread")(err));
+            }
+        }
     }
+    drop(done_tx);
 
     let mut events = vec![EpollEvent::default(); 32];
     let reason = loop {
         let n = match ep.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("epoll_wait")(e)),
+            Err(e) => {
+                exit.request("vmm-error", 1);
+                stop_vcpus_or_keep_memory(threads, &done_rx, &mem);
+                return Err(io_err("epoll_wait")(e));
+            }
         };
         for ev in &events[..n] {
             match ev.data() {
@@ -447,8 +474,8 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
         }
     };
 
-    // Teardown: flush output, remove our sockets, write metrics. vCPU threads are left to
-    // the process exit (they may be blocked in KVM_RUN).
+    // Teardown: stop the vCPUs, flush output, remove our sockets, write metrics.
+    stop_vcpus_or_keep_memory(threads, &done_rx, &mem);
     {
         let mut s = bus.serial.lock().unwrap_or_else(|e| e.into_inner());
         let _ = s.writer_mut().flush();
@@ -472,10 +499,88 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
     if !cfg.sync_teardown {
         detach_teardown(vm.as_raw_fd());
     }
-    // Keep the VM and memory alive until here: the vCPU threads still reference them.
+    // The VM fd is closed by the process exit (or last by the helper): closing it here
+    // would put the slow KVM teardown on the exit path.
     std::mem::forget(vm);
-    std::mem::forget(threads);
     Ok(reason)
+}
+
+/// How long [`run`] waits for the vCPU threads to leave KVM_RUN once the VM stopped.
+///
+/// Normally they are out in well under a millisecond. Waiting longer costs nothing at
+/// exit: the process cannot end before its vCPU threads have left KVM_RUN anyway (the
+/// kernel kills and waits for every thread), so the bound only decides how late the metrics
+/// are written when the host stalls a vCPU thread (seen here under heavy load: 0.5-1.2 s).
+pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a vCPU that has not returned yet is kicked again while [`run`] waits.
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Reports a vCPU thread's id when the thread ends (normally or by a panic).
+struct DoneOnDrop(Sender<usize>, usize);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(self.1);
+    }
+}
+
+/// Kicks every vCPU thread out of KVM_RUN and joins them; `done` receives a thread's index
+/// when it ends. The stop latch must already be set, so a kicked vCPU does not re-enter.
+/// Waits at most `timeout` and returns the indexes of the threads still running.
+pub fn stop_vcpus(
+    threads: Vec<JoinHandle<()>>,
+    done: &Receiver<usize>,
+    timeout: Duration,
+) -> Vec<usize> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut running: Vec<Option<JoinHandle<()>>> = threads.into_iter().map(Some).collect();
+    let mut left = running.len();
+    let mut next_kick = start;
+    while left > 0 {
+        let now = Instant::now();
+        if now >= next_kick {
+            running.iter().flatten().for_each(signals::kick);
+            next_kick = now + KICK_INTERVAL;
+        }
+        if now >= deadline {
+            break;
+        }
+        match done.recv_timeout(next_kick.min(deadline) - now) {
+            Ok(i) => {
+                if let Some(h) = running.get_mut(i).and_then(Option::take) {
+                    let _ = h.join();
+                    left -= 1;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            // Every thread has dropped its sender: all have ended.
+            Err(RecvTimeoutError::Disconnected) => {
+                for h in running.iter_mut().filter_map(Option::take) {
+                    let _ = h.join();
+                }
+                left = 0;
+            }
+        }
+    }
+    running
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| h.as_ref().map(|_| i))
+        .collect()
+}
+
+/// [`stop_vcpus`] with [`VCPU_STOP_TIMEOUT`]; if a vCPU is still running, guest memory is
+/// leaked (stays mapped until the process exits) rather than unmapped under it.
+fn stop_vcpus_or_keep_memory(threads: Vec<JoinHandle<()>>, done: &Receiver<usize>, mem: &GuestMem) {
+    let stuck = stop_vcpus(threads, done, VCPU_STOP_TIMEOUT);
+    if !stuck.is_empty() {
+        eprintln!(
+            "vmm-lite: vCPU {stuck:?} did not leave KVM_RUN within {} ms; guest memory stays mapped until exit",
+            VCPU_STOP_TIMEOUT.as_millis()
+        );
+        std::mem::forget(mem.clone());
+    }
 }
 
 /// Hands the VM's destruction to a detached helper so this process can exit at once.

@@ -13,6 +13,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use crate::boot::{BootEntry, EntryKind, GuestMem, BOOT_STACK, GDT, GDT_ADDR, PML4_ADDR};
 use crate::devices::ExitHandle;
 use crate::metrics::Metrics;
+use crate::signals;
 
 /// Errors while creating or configuring the VM and vCPUs.
 #[derive(Debug, Error)]
@@ -287,6 +288,11 @@ fn set_boot_regs(vcpu: &VcpuFd, id: u8, entry: &BootEntry) -> Result<()> {
 }
 
 /// Runs a vCPU until the VM stops. Returns when a stop was requested or the vCPU failed.
+///
+/// The stop latch is checked before every KVM_RUN; a vCPU inside KVM_RUN is brought out by
+/// the kick signal ([`crate::signals::kick`]), whose handler also sets `immediate_exit`, so
+/// a kick that lands just before KVM_RUN makes it return at once. The resulting EINTR is
+/// counted in `vcpu_exits.intr`, never as an error.
 pub fn run_vcpu(
     mut vcpu: VcpuFd,
     id: u8,
@@ -294,8 +300,13 @@ pub fn run_vcpu(
     metrics: Arc<Metrics>,
     exit: Arc<ExitHandle>,
 ) {
+    if let Err(err) = signals::unblock_kick_signal() {
+        eprintln!("vmm-lite: vCPU {id}: cannot unblock the kick signal: {err}");
+    }
+    // Declared after `vcpu`, so it is dropped (and the handler disarmed) before `vcpu`.
+    let _kick = signals::ImmediateExitOnKick::register(&mut vcpu);
     let e = &metrics.exits;
-    loop {
+    while !exit.is_stopping() {
         if id == 0 {
             metrics.first_kvm_run.mark(metrics.start);
         }
@@ -352,9 +363,6 @@ pub fn run_vcpu(
                 eprintln!("vmm-lite: vCPU {id}: KVM_RUN failed: {err}");
                 exit.request("vcpu-error", 2);
             }
-        }
-        if exit.is_stopping() {
-            return;
         }
     }
 }

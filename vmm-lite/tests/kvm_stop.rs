@@ -4,8 +4,11 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -139,6 +142,114 @@ fn sigterm_at_any_moment_exits_143_with_metrics_and_no_vcpu_error() {
     }
 }
 
+/// Same race through the control socket's `stop`: exit 0, metrics, no vCPU error, also with
+/// a second vCPU that waits for INIT/SIPI inside KVM_RUN.
+#[test]
+fn control_stop_at_any_moment_exits_0_with_metrics_and_no_vcpu_error() {
+    if !kvm_available("control-stop-any-moment") {
+        return;
+    }
+    let d = scratch();
+    let k = elf64(&d, &["SPIN"]);
+    let m = d.join("m.json");
+    let sock = d.join("ctl.sock");
+    let sock_s = sock.to_str().unwrap();
+    for (i, delay_ms) in [0u64, 1, 3, 10, 30].into_iter().enumerate() {
+        let vcpus = if i % 2 == 0 { "1" } else { "2" };
+        let _ = std::fs::remove_file(&sock);
+        let child = spawn_spinner(&k, &m, &["--control-sock", sock_s, "--vcpus", vcpus]);
+        let mut s = loop {
+            match UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            }
+        };
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"stop\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert_eq!(line, "ok\n");
+        let (code, stderr) = finish(child);
+        let what = format!("delay {delay_ms} ms, {vcpus} vCPUs");
+        assert_eq!(code, Some(0), "{what}: {stderr}");
+        assert!(!stderr.contains("KVM_RUN failed"), "{what}: {stderr}");
+        let doc = read_json(&m).unwrap_or_else(|| panic!("{what}: no metrics"));
+        assert_eq!(doc["exit"]["reason"], "control-stop", "{what}: {doc}");
+        assert_eq!(doc["vcpu_exits"]["error"], 0, "{what}: {doc}");
+    }
+}
+
+/// The same race seen from inside: `run` returned while the vCPU thread was still in
+/// KVM_RUN, then dropped guest memory under it (under PVM the vCPU then reports a shutdown
+/// exit rather than EFAULT, and no message reaches stderr before the process exits). After
+/// `run` returns, no vCPU thread may be left and no vCPU may have seen a late exit.
+#[test]
+fn run_returns_only_after_every_vcpu_thread_left_kvm_run() {
+    if !kvm_available("run-joins-vcpus") {
+        return;
+    }
+    use vmm_lite::config::{RawConfig, VmConfig};
+    use vmm_lite::metrics::Metrics;
+    let d = scratch();
+    let k = elf64(&d, &["SPIN"]);
+    let sock = d.join("ctl.sock");
+    for vcpus in [1, 2] {
+        let cfg = VmConfig::from_raw(RawConfig {
+            kernel: k.clone(),
+            initrd: None,
+            cmdline: None,
+            mem_mib: 32,
+            vcpus,
+            vsock_cid: None,
+            vsock_uds: None,
+            serial_out: Some("none".into()),
+            serial_in: None,
+            metrics: None,
+            allow_pvm: false,
+            quiet: true,
+            sync_teardown: true,
+            control: Some(sock.clone()),
+        })
+        .unwrap();
+        let metrics = Arc::new(Metrics::new(Instant::now()));
+        let m = metrics.clone();
+        let sock2 = sock.clone();
+        let stopper = std::thread::spawn(move || {
+            let mut s = loop {
+                match UnixStream::connect(&sock2) {
+                    Ok(s) => break s,
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            // Stop while the guest spins inside KVM_RUN.
+            while m.boot_timer.get_us().is_none() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            s.write_all(b"stop\n").unwrap();
+        });
+        let stop = vmm_lite::vmm::run(&cfg, metrics.clone()).expect("run");
+        assert_eq!(stop.reason, "control-stop");
+        let vcpu_threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.starts_with("vcpu"))
+            .collect();
+        assert!(vcpu_threads.is_empty(), "still running: {vcpu_threads:?}");
+        // A vCPU left running would now fault on the unmapped memory.
+        std::thread::sleep(Duration::from_millis(200));
+        let e = &metrics.exits;
+        assert_eq!(
+            (e.error.get(), e.shutdown.get()),
+            (0, 0),
+            "{vcpus} vCPUs: {}",
+            metrics.to_json(None)
+        );
+        stopper.join().unwrap();
+    }
+}
+
 /// SIGUSR1 about 10 ms after spawn ended vmm-lite (exit 138, no metrics): signals were only
 /// blocked once `run` created its signalfd. SIGUSR1s from the moment vmm-lite's own code runs
 /// (0-10 ms later) must not kill it and are answered with a dump once the event loop runs;
@@ -175,4 +286,31 @@ fn early_sigusr1_does_not_kill_and_is_answered_with_a_dump() {
             "delay {delay_us} us: {fin}"
         );
     }
+}
+
+/// The kick that lands after the vCPU checked the stop latch but before it entered KVM_RUN:
+/// the handler sets `immediate_exit`, so that KVM_RUN returns EINTR at once instead of
+/// running the guest until the next kick.
+#[test]
+fn kick_before_kvm_run_makes_it_return_eintr_at_once() {
+    if !kvm_available("kick-before-run") {
+        return;
+    }
+    use vmm_lite::signals;
+    signals::install_kick_handler().unwrap();
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    std::thread::spawn(move || {
+        signals::unblock_kick_signal().unwrap();
+        let armed = signals::ImmediateExitOnKick::register(&mut vcpu);
+        // SAFETY: signalling this thread; the kick handler is installed.
+        unsafe { libc::pthread_kill(libc::pthread_self(), signals::kick_signal()) };
+        assert_eq!(vcpu.get_kvm_run().immediate_exit, 1);
+        let err = vcpu.run().expect_err("KVM_RUN returns at once");
+        assert_eq!(err.errno(), libc::EINTR);
+        drop(armed);
+    })
+    .join()
+    .unwrap();
 }
