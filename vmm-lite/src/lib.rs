@@ -10,7 +10,8 @@
 //! - [`config`] turns raw CLI input into a validated [`config::VmConfig`].
 //! - [`boot`] places the kernel, initrd, command line and boot structures in guest memory;
 //!   [`mptable`] describes the vCPUs and interrupt routing for guests without ACPI.
-//! - [`vstate`] creates the VM and its vCPUs and runs them.
+//! - [`vstate`] creates the VM and its vCPUs and runs them; [`cpuid`] builds each vCPU's
+//!   CPUID from what KVM supports (a pure function, unit-tested with Intel and AMD lists).
 //! - [`devices`] holds the device models. The virtio-vsock device is generic over its
 //!   backend ([`devices::vsock::VsockBackend`]) so it is tested without KVM.
 //! - [`signals`] blocks the control signals before `main` runs and kicks vCPU threads out
@@ -21,6 +22,7 @@
 
 pub mod boot;
 pub mod config;
+pub mod cpuid;
 pub mod devices;
 pub mod host;
 pub mod metrics;

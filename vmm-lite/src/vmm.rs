@@ -295,9 +295,12 @@ pub fn run(cfg: &VmConfig, metrics: Arc<Metrics>) -> Result<StopReason, VmmError
     });
 
     let cpuid = vstate::supported_cpuid(&kvm)?;
+    let features = vstate::KvmCpuFeatures::query(&kvm);
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for id in 0..cfg.vcpus {
-        vcpus.push(vstate::create_vcpu(&vm, &cpuid, id, cfg.vcpus, &entry)?);
+        vcpus.push(vstate::create_vcpu(
+            &vm, &cpuid, features, id, cfg.vcpus, &entry,
+        )?);
     }
 
     // Event loop registrations, before the guest runs.

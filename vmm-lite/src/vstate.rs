@@ -11,6 +11,7 @@ use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{BootEntry, EntryKind, GuestMem, BOOT_STACK, GDT, GDT_ADDR, PML4_ADDR};
+use crate::cpuid::{self, CpuidParams};
 use crate::devices::ExitHandle;
 use crate::metrics::Metrics;
 use crate::signals;
@@ -50,6 +51,9 @@ pub enum VstateError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The built CPUID does not fit in KVM_SET_CPUID2.
+    #[error("configuring vCPU {0}: its CPUID has {1} entries, more than KVM accepts")]
+    CpuidTooLarge(u8, usize),
     /// Not every MSR was accepted.
     #[error("configuring vCPU {0}: KVM accepted only {1} of {2} MSRs")]
     PartialMsrs(u8, usize, usize),
@@ -109,26 +113,18 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId> {
         .map_err(VstateError::GetCpuid)
 }
 
-/// Filters the host CPUID for vCPU `id` of `count`.
-pub fn filter_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                // APIC id, logical processor count, hypervisor bit.
-                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
-                e.ecx |= 1 << 31;
-                if count > 1 {
-                    e.edx |= 1 << 28; // HTT: more than one logical processor
-                }
-            }
-            0xb | 0x1f => {
-                e.edx = u32::from(id);
-            }
-            6 => {
-                // No power management leaf features the VMM does not emulate.
-                e.ecx &= !(1 << 3);
-            }
-            _ => {}
+/// What KVM emulates for every vCPU beyond its supported-CPUID list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvmCpuFeatures {
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: the LAPIC timer's TSC-deadline mode is emulated.
+    pub tsc_deadline: bool,
+}
+
+impl KvmCpuFeatures {
+    /// Asks KVM.
+    pub fn query(kvm: &Kvm) -> Self {
+        KvmCpuFeatures {
+            tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
         }
     }
 }
@@ -169,11 +165,13 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 /// MTRRs enabled, default memory type write-back (else Linux maps RAM uncached).
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
-/// Creates and configures vCPU `id`. Only vCPU 0 gets boot registers; the others wait for
-/// INIT/SIPI from the guest (in-kernel LAPIC).
+/// Creates and configures vCPU `id` of `count`; its CPUID is built by [`cpuid::build`]
+/// from `supported`. Only vCPU 0 gets boot registers; the others wait for INIT/SIPI from the
+/// guest (in-kernel LAPIC).
 pub fn create_vcpu(
     vm: &VmFd,
-    cpuid: &CpuId,
+    supported: &CpuId,
+    features: KvmCpuFeatures,
     id: u8,
     count: u8,
     entry: &BootEntry,
@@ -181,9 +179,17 @@ pub fn create_vcpu(
     let vcpu = vm
         .create_vcpu(u64::from(id))
         .map_err(|e| VstateError::CreateVcpu(id, e))?;
-    let mut cpuid = cpuid.clone();
-    filter_cpuid(&mut cpuid, id, count);
-    vcpu.set_cpuid2(&cpuid)
+    let entries = cpuid::build(
+        supported.as_slice(),
+        &CpuidParams {
+            vcpu_id: id,
+            vcpu_count: count,
+            tsc_deadline: features.tsc_deadline,
+        },
+    );
+    let guest_cpuid =
+        CpuId::from_entries(&entries).map_err(|_| VstateError::CpuidTooLarge(id, entries.len()))?;
+    vcpu.set_cpuid2(&guest_cpuid)
         .map_err(cfg_err(id, "KVM_SET_CPUID2"))?;
 
     let entries = [

@@ -416,3 +416,86 @@ fn i8042_looks_absent_to_linux_at_once_and_reset_is_fast() {
     assert_eq!(m["vcpu_exits"]["io_in"], 34, "{m}");
     assert_eq!(m["guest_errors"]["bad_io"], 0, "{m}");
 }
+
+/// One line of the cpuid guest's output: (leaf, subleaf) -> [eax, ebx, ecx, edx].
+fn parse_cpuid_dump(serial: &str) -> std::collections::HashMap<(u32, u32), [u32; 4]> {
+    let hex = |s: &str| u32::from_str_radix(s, 16).unwrap_or_else(|_| panic!("hex {s:?}"));
+    serial
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split([' ', '.']).collect();
+            assert_eq!(f.len(), 6, "line {l:?}");
+            (
+                (hex(f[0]), hex(f[1])),
+                [hex(f[2]), hex(f[3]), hex(f[4]), hex(f[5])],
+            )
+        })
+        .collect()
+}
+
+/// Linux disabled the APIC timer ("verification failure") because the TSC-deadline bit was
+/// missing although KVM supports it; the topology leaves showed the host's values. The guest
+/// prints the leaves it sees; checked here against the host's KVM.
+#[test]
+fn guest_cpuid_has_kvm_signature_tsc_deadline_and_our_topology() {
+    if !kvm_available("cpuid") {
+        return;
+    }
+    use kvm_ioctls::{Cap, Kvm};
+    let kvm = Kvm::new().unwrap();
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    let d = scratch();
+    let k = cpuid_dump(&d);
+    for n in [1u32, 4] {
+        let r = run_vmm(
+            &d,
+            &["--kernel", k.to_str().unwrap(), "--vcpus", &n.to_string()],
+        );
+        assert_eq!(r.code(), 0, "3: no KVM signature; stderr: {}", r.stderr());
+        let c = parse_cpuid_dump(&r.serial);
+        let leaf = |l: u32, s: u32| c[&(l, s)];
+        let [max_basic, vb, vc, vd] = leaf(0, 0);
+        let amd = [vb, vd, vc] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]; // AuthenticAMD
+        let [_, ebx1, ecx1, edx1] = leaf(1, 0);
+        assert_ne!(ecx1 & (1 << 31), 0, "hypervisor bit");
+        assert_eq!(
+            ecx1 & (1 << 24) != 0,
+            tsc_deadline,
+            "TSC-deadline bit vs KVM cap"
+        );
+        assert_eq!(ecx1 & (1 << 3), 0, "MONITOR/MWAIT not offered");
+        assert_eq!(ebx1 >> 24, 0, "vCPU 0 has APIC id 0");
+        assert_eq!((ebx1 >> 16) & 0xff, n, "logical processor count");
+        assert_eq!((ebx1 >> 8) & 0xff, 8, "CLFLUSH line size 64 bytes");
+        if n > 1 {
+            // (With one vCPU the bit is cleared, but PVM reports the host's HTT in leaf 1.)
+            assert_ne!(edx1 & (1 << 28), 0, "HTT with more than one logical CPU");
+        }
+        let [hv_max, ..] = leaf(0x4000_0000, 0);
+        assert!(hv_max >= 0x4000_0001, "max hypervisor leaf {hv_max:#x}");
+        assert_ne!(leaf(0x4000_0001, 0)[0], 0, "KVM features");
+        if max_basic >= 0xb {
+            let width = 32 - (n - 1).leading_zeros();
+            assert_eq!(leaf(0xb, 0), [0, 1, 0x100, 0], "SMT level");
+            assert_eq!(leaf(0xb, 1), [width, n, 0x201, 0], "core level");
+            assert_eq!(leaf(0xb, 2)[2] & 0xff00, 0, "no third level");
+        }
+        if amd {
+            let [max_ext, ..] = leaf(0x8000_0000, 0);
+            let cmp_legacy = leaf(0x8000_0001, 0)[2] & 2 != 0;
+            assert_eq!(cmp_legacy, n > 1, "CmpLegacy iff more than one core");
+            if max_ext >= 0x8000_0008 {
+                assert_eq!(leaf(0x8000_0008, 0)[2] & 0xff, n - 1, "NC");
+            }
+            if max_ext >= 0x8000_001e {
+                let [eax, ebx, ecx, _] = leaf(0x8000_001e, 0);
+                assert_eq!((eax, ebx & 0xffff, ecx & 0x7ff), (0, 0, 0), "0x8000001e");
+            }
+        } else {
+            let [eax4, ..] = leaf(4, 0);
+            if eax4 & 0x1f != 0 {
+                assert_eq!(eax4 >> 26, n - 1, "cores per package - 1");
+            }
+        }
+    }
+}

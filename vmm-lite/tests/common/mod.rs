@@ -203,3 +203,8 @@ pub fn mpcount(dir: &Path) -> PathBuf {
 pub fn i8042probe(dir: &Path) -> PathBuf {
     build_guest(dir, "i8042probe", &["i8042probe.S"], &[], Kind::Elf)
 }
+
+/// The guest that prints CPUID leaves to the serial port and checks the KVM signature.
+pub fn cpuid_dump(dir: &Path) -> PathBuf {
+    build_guest(dir, "cpuid", &["cpuid.S"], &[], Kind::Elf)
+}
