@@ -130,7 +130,15 @@ pub fn test_here_or_in_l1(name: &str, mem_mib: u32, timeout: Duration) -> bool {
         return false;
     };
     let out = run
-        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .args([
+            name,
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+            "--color",
+            "never",
+        ])
         .run()
         .unwrap_or_else(|e| panic!("{name}: the L1 run failed: {e}"));
     assert_eq!(
@@ -161,7 +169,7 @@ pub fn suite_in_l1(name: &str, mem_mib: u32, timeout: Duration) -> usize {
         return 0;
     };
     let out = run
-        .args(["--skip", name, "--test-threads", "1"])
+        .args(["--skip", name, "--test-threads", "1", "--color", "never"])
         .run()
         .unwrap_or_else(|e| panic!("{name}: the L1 run failed: {e}"));
     let passed = out

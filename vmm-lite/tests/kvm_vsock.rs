@@ -107,3 +107,17 @@ fn tiny_guest_vsock_driver_connects_out_and_accepts_host_connect() {
     assert!(v["rx_bytes"].as_u64().unwrap() >= 10 + 15, "{m}");
     assert!(!uds.exists(), "vsock socket removed on exit");
 }
+
+/// Every other test in this file, once more inside an L1 VM whose KVM is real (nested):
+/// what passes under PVM must pass under hardware virtualization too.
+#[test]
+fn the_suite_passes_under_nested_kvm() {
+    let passed = nested_kvm::suite_in_l1(
+        "the_suite_passes_under_nested_kvm",
+        1024,
+        std::time::Duration::from_secs(600),
+    );
+    if !nested_kvm::hardware_kvm() && nested_kvm::unavailable().is_none() {
+        assert!(passed > 0, "no test ran inside L1");
+    }
+}

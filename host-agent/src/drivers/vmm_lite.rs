@@ -113,6 +113,32 @@ pub fn guest_cmdline(id: &str, host_id: &str) -> String {
 }
 
 /// The boot's timestamps in vmm-lite's metrics JSON (`start_monotonic_ns`, and
+/// Starts vmm-lite with SIGUSR1, SIGTERM and SIGINT blocked. The mask survives `exec`, and
+/// vmm-lite reads these from a signalfd, so one sent while its dynamic loader still runs
+/// (milliseconds, tens of them on a slow disk) is handled instead of killing it without
+/// metrics (vmm-lite/README.md, "Signals").
+fn start_with_control_signals_blocked(cmd: &mut tokio::process::Command) {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; these calls only modify it.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    // SAFETY: runs in the child between fork and exec; pthread_sigmask is async-signal-safe
+    // and `set` was built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+                0 => Ok(()),
+                rc => Err(std::io::Error::from_raw_os_error(rc)),
+            }
+        });
+    }
+}
+
 /// `phases.first_kvm_run_us` / `phases.boot_timer_us`, µs since its `main`; null until
 /// they happen). `None` if the document is not one; each field is `None` if absent, null,
 /// negative or not a number.
@@ -182,11 +208,10 @@ impl Driver for VmmLiteDriver {
                 vcpus,
                 &files,
             );
-            if let Err(e) = procs.spawn(
-                "vmm-lite",
-                tokio::process::Command::new(&self.vmm).args(&args),
-                true,
-            ) {
+            let mut cmd = tokio::process::Command::new(&self.vmm);
+            cmd.args(&args);
+            start_with_control_signals_blocked(&mut cmd);
+            if let Err(e) = procs.spawn("vmm-lite", &mut cmd, true) {
                 procs.destroy(Duration::ZERO).await;
                 return Err(e);
             }

@@ -62,17 +62,18 @@ impl Vmm {
     pub fn spawn(dir: &Path, args: &[&str]) -> Vmm {
         let _ = std::fs::remove_file(dir.join("metrics.json"));
         let start = Instant::now();
-        let child = Command::new(VMM)
-            .args(args)
+        let mut cmd = Command::new(VMM);
+        cmd.args(args)
             .arg("--serial-out")
             .arg(dir.join("serial.out"))
             .arg("--metrics")
             .arg(dir.join("metrics.json"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm-lite");
+            .stderr(Stdio::piped());
+        // As the agent launches it: a signal sent right after spawn is never lost.
+        vmm_lite::signals::start_blocked(&mut cmd);
+        let child = cmd.spawn().expect("spawn vmm-lite");
         Vmm {
             child,
             dir: dir.to_path_buf(),
