@@ -355,10 +355,13 @@ impl Agent {
     }
 
     /// Start a sandbox for `pool` and wait until it is Ready.
+    ///
+    /// Cancellation-safe: if the caller drops this future, the `booting` count is given
+    /// back and a sandbox already started is ended (see [`Starting`]).
     async fn boot(&self, pool: &Pool) -> Result<Arc<Sandbox>, BootFailure> {
-        pool.booting.fetch_add(1, Ordering::AcqRel);
+        let counted = Booting::count(&pool.booting);
         let r = self.boot_inner(pool).await;
-        pool.booting.fetch_sub(1, Ordering::AcqRel);
+        drop(counted);
         match &r {
             Ok(_) => self
                 .metrics
@@ -383,7 +386,7 @@ impl Agent {
             .await
             .map_err(|e| BootFailure::Platform(chain(&e)))?;
         let running_at = spawned.running_at;
-        let handle = spawned.handle;
+        let handle = Starting(Some(spawned.handle));
         let stream = match spawned.link {
             LinkSource::Connected(s) => s,
             LinkSource::Listening(l) => match accept_probe(&l, &*handle, deadline).await {
@@ -467,19 +470,20 @@ impl Agent {
             pool.index,
             self.driver.name(),
             hs.link,
-            handle,
+            handle.handed_over(),
             hs.hello,
             boot,
         ));
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(spec.id, sb.clone());
         if self.metrics_on() {
             self.snapshots
                 .register(serial, Arc::new(crate::series::SandboxMeta::of(&sb)))
                 .await;
         }
+        // Listed last, with no await after it: a listed sandbox always reaches the caller.
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.id, sb.clone());
         Ok(sb)
     }
 
@@ -592,7 +596,30 @@ impl Agent {
     }
 
     /// Run one invocation of `name` with `payload`.
+    ///
+    /// Cancellation-safe: the invocation runs in a task of its own and this future only
+    /// waits for it. A caller that goes away (axum drops the handler when the HTTP client
+    /// disconnects) abandons the wait, not the invocation: it still finishes, is recorded,
+    /// and its sandbox goes back to the pool or is ended, so capacity and limits hold.
     pub async fn invoke(
+        self: &Arc<Self>,
+        name: &str,
+        payload: Vec<u8>,
+        opts: InvokeOptions,
+    ) -> Result<Invocation, InvokeError> {
+        let agent = self.clone();
+        let name = name.to_string();
+        let run = tokio::spawn(async move { agent.run_invocation(&name, payload, opts).await });
+        match run.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(InvokeError::Platform(format!(
+                "the invocation was cut short: {e}"
+            ))),
+        }
+    }
+
+    async fn run_invocation(
         self: &Arc<Self>,
         name: &str,
         payload: Vec<u8>,
@@ -1594,6 +1621,51 @@ pub struct SandboxDetail {
     /// A microVM's serial console, last lines (kernel messages, the probe's stderr).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub console: Vec<String>,
+}
+
+/// One sandbox counted in a pool's `booting` figure, for as long as this lives (also when
+/// the start is abandoned midway).
+struct Booting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Booting<'a> {
+    fn count(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for Booting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A sandbox started by the driver but not yet handed over as a [`Sandbox`]. If its start
+/// is abandoned (the future dropped), it is ended in the background rather than left
+/// running unlisted with its cgroup and state directory.
+struct Starting(Option<Box<dyn crate::drivers::SandboxHandle>>);
+
+impl Starting {
+    fn handed_over(mut self) -> Box<dyn crate::drivers::SandboxHandle> {
+        self.0.take().expect("handed over once")
+    }
+}
+
+impl std::ops::Deref for Starting {
+    type Target = dyn crate::drivers::SandboxHandle;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_deref().expect("not handed over yet")
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        // Ending a sandbox is idempotent: after a failed start has destroyed it, this is a
+        // no-op; after an abandoned one, it is the only cleanup.
+        if let (Some(h), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move { h.destroy().await });
+        }
+    }
 }
 
 /// Wait for a microVM's probe to connect: until the deadline, or until the VM exits.

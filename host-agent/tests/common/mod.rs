@@ -52,6 +52,46 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Sandbox cgroups (any controller, v1 or v2) whose name starts with `prefix`: what is
+/// left of sandboxes of a function named `prefix` (use names unique to the test: the
+/// `sandscope` parent is shared with every agent on the machine).
+pub fn leftover_cgroups(prefix: &str) -> Vec<String> {
+    let mut parents = vec![std::path::PathBuf::from("/sys/fs/cgroup/sandscope")];
+    if let Ok(d) = std::fs::read_dir("/sys/fs/cgroup") {
+        parents.extend(d.flatten().map(|e| e.path().join("sandscope")));
+    }
+    let mut out = Vec::new();
+    for p in parents {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{prefix}-")) && e.path().is_dir() {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Remove empty cgroups left by earlier, crashed runs of a test using function `prefix`
+/// (a cgroup with processes in it cannot be removed and stays).
+pub fn clear_stale_cgroups(prefix: &str) {
+    for d in leftover_cgroups(prefix) {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
+/// Resident memory of this test process (which hosts the agent), bytes.
+pub fn vm_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
 /// A running agent with its HTTP address.
 pub struct TestAgent {
     pub agent: Arc<Agent>,
@@ -250,7 +290,62 @@ impl TestAgent {
         false
     }
 
+    /// The agent's state directory (sandbox state dirs live under `sandboxes/`).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("state")
+    }
+
+    /// Sandbox state directories still on disk.
+    pub fn leftover_state_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.state_dir().join("sandboxes"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Live sandboxes as the API lists them.
+    pub async fn live_ids(&self) -> Vec<String> {
+        self.get("/v1/sandboxes").await["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// One function's `/v1/stats` entry.
+    pub async fn fn_stats(&self, name: &str) -> serde_json::Value {
+        let v = self.get("/v1/stats").await;
+        v["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no stats for {name}: {v}"))
+    }
+
+    /// One function's `/v1/functions` entry (sandboxes by state, queued).
+    pub async fn fn_view(&self, name: &str) -> serde_json::Value {
+        let v = self.get("/v1/functions").await;
+        v["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no function {name}: {v}"))
+    }
+
     pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Stop serving and shut the agent down, keeping its state directory for inspection.
+    pub async fn halt(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }

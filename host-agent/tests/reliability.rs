@@ -1,0 +1,241 @@
+//! Every fault bounded, nothing leaked (issue 16). Each test provokes one fault against a
+//! real agent with process sandboxes and checks that the faulty invocation ends in time
+//! with a clear error, other functions keep serving, nothing (sandbox, process, cgroup,
+//! state dir) is left once the fault is over or the agent has stopped, and `/v1/stats`
+//! agrees with what the clients saw.
+
+mod common;
+
+use common::{func, leftover_cgroups, start_with, TestAgent};
+use host_agent::drivers::{BoxFuture, Driver, DriverError, SandboxSpec, Spawned};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The process driver with every spawn held back by `delay` after the sandbox process
+/// is running: a window in which a cold start can be abandoned.
+struct SlowSpawn {
+    real: Arc<dyn Driver>,
+    delay: Duration,
+}
+
+impl Driver for SlowSpawn {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+    fn describe(&self) -> String {
+        format!("process driver, spawns held back {:?}", self.delay)
+    }
+    fn spawn<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Spawned, DriverError>> {
+        Box::pin(async move {
+            let s = self.real.spawn(spec).await?;
+            tokio::time::sleep(self.delay).await;
+            Ok(s)
+        })
+    }
+}
+
+fn process_driver(cfg: &host_agent::config::AgentConfig) -> Arc<dyn Driver> {
+    let d = host_agent::drivers::process::ProcessDriver::new(cfg)
+        .unwrap_or_else(|e| panic!("{}", host_agent::agent::chain(&e)));
+    Arc::new(d)
+}
+
+fn invoke_url(a: &TestAgent, name: &str) -> String {
+    format!("{}/2015-03-31/functions/{name}/invocations", a.url)
+}
+
+/// Send `n` invocations of `name` at once from clients that give up after `patience`;
+/// every one must give up.
+async fn disconnecting_clients(a: &TestAgent, name: &str, n: usize, patience: Duration) {
+    let impatient = reqwest::Client::builder()
+        .timeout(patience)
+        .build()
+        .unwrap();
+    let mut reqs = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let req = impatient.post(invoke_url(a, name)).body("{}").send();
+        reqs.spawn(req);
+    }
+    while let Some(r) = reqs.join_next().await {
+        match r.unwrap() {
+            Err(e) if e.is_timeout() => {}
+            other => panic!("the client was meant to give up first: {other:?}"),
+        }
+    }
+}
+
+/// No sandbox of `function` listed, booting, busy or queued, and none of its cgroups or
+/// state dirs on disk.
+async fn nothing_left_of(a: &TestAgent, function: &str) -> Result<(), String> {
+    let listed: Vec<String> = a
+        .live_ids()
+        .await
+        .into_iter()
+        .filter(|id| id.starts_with(&format!("{function}-")))
+        .collect();
+    let view = a.fn_view(function).await;
+    let dirs: Vec<String> = a
+        .leftover_state_dirs()
+        .into_iter()
+        .filter(|d| d.starts_with(&format!("{function}-")))
+        .collect();
+    let cgroups = leftover_cgroups(function);
+    if listed.is_empty()
+        && view["sandboxes"]["booting"] == 0
+        && view["sandboxes"]["busy"] == 0
+        && view["queued"] == 0
+        && dirs.is_empty()
+        && cgroups.is_empty()
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "listed {listed:?}, view {view}, state dirs {dirs:?}, cgroups {cgroups:?}"
+        ))
+    }
+}
+
+async fn wait_nothing_left_of(a: &TestAgent, function: &str, limit: Duration) {
+    until(limit, &format!("nothing left of {function}"), || {
+        nothing_left_of(a, function)
+    })
+    .await;
+}
+
+/// Poll `check` until it passes; fail with its last complaint after `limit`.
+async fn until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let t0 = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if t0.elapsed() >= limit => panic!("{what}: not within {limit:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnects_mid_invocation_and_mid_cold_start_leak_no_sandbox() {
+    if !common::can_run() {
+        return;
+    }
+    const F: &str = "rel-discon";
+    const OK: &str = "rel-ok1";
+    common::clear_stale_cgroups(F);
+    common::clear_stale_cgroups(OK);
+    let a = start_with(
+        &[
+            func(
+                F,
+                "cat >/dev/null; sleep 0.6; echo '{\"done\":true}'",
+                "timeout_s = 5\n[functions.pool]\nmax_sandboxes = 4\nkeep_alive_s = 1",
+            ),
+            func(OK, "cat", ""),
+        ],
+        "",
+        |cfg| {
+            Arc::new(SlowSpawn {
+                real: process_driver(cfg),
+                delay: Duration::from_millis(300),
+            })
+        },
+    )
+    .await;
+    let a = Arc::new(a);
+
+    // Sandboxes of F, listed or starting, never exceed its limit of 4.
+    let watching = Arc::new(AtomicBool::new(true));
+    let most = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (a, watching, most) = (a.clone(), watching.clone(), most.clone());
+        tokio::spawn(async move {
+            while watching.load(Ordering::Acquire) {
+                let v = a.fn_view(F).await;
+                let s = &v["sandboxes"];
+                let n = ["booting", "idle", "busy", "frozen"]
+                    .iter()
+                    .map(|k| s[k].as_u64().unwrap() as usize)
+                    .sum::<usize>();
+                most.fetch_max(n, Ordering::AcqRel);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // Round 1: every client leaves during its cold start (spawns take 300 ms), two of
+    // them while still queued for capacity.
+    disconnecting_clients(&a, F, 6, Duration::from_millis(150)).await;
+    let ok = a.invoke(OK, "{\"n\":1}").await;
+    assert_eq!((ok.status, ok.body.as_str()), (200, "{\"n\":1}"), "{ok:?}");
+    let ar = &*a;
+    until(Duration::from_secs(10), "round 1 recorded", || async move {
+        let s = ar.fn_stats(F).await;
+        let v = ar.fn_view(F).await;
+        if s["invocations"] == 6 && v["sandboxes"]["busy"] == 0 && v["queued"] == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "abandoned invocations not finished and recorded: {s} {v}"
+            ))
+        }
+    })
+    .await;
+
+    // Round 2: the clients leave mid-invocation (warm sandboxes, handler sleeping).
+    disconnecting_clients(&a, F, 6, Duration::from_millis(150)).await;
+    let ok = a.invoke(OK, "{\"n\":2}").await;
+    assert_eq!((ok.status, ok.body.as_str()), (200, "{\"n\":2}"), "{ok:?}");
+    until(Duration::from_secs(10), "round 2 recorded", || async move {
+        let s = ar.fn_stats(F).await;
+        if s["invocations"] == 12 {
+            Ok(())
+        } else {
+            Err(format!(
+                "abandoned invocations not finished and recorded: {s}"
+            ))
+        }
+    })
+    .await;
+
+    // Once idle past keep-alive, every sandbox of F is reaped: nothing stays busy,
+    // booting or unlisted.
+    wait_nothing_left_of(&a, F, Duration::from_secs(10)).await;
+    watching.store(false, Ordering::Release);
+    watcher.await.unwrap();
+    let most = most.load(Ordering::Acquire);
+    assert!(most <= 4, "{most} sandboxes of {F} against a limit of 4");
+
+    // The clients saw nothing; the agent ran and recorded all twelve.
+    let s = a.fn_stats(F).await;
+    assert_eq!(s["invocations"], 12, "{s}");
+    assert_eq!(s["errors"], 0, "{s}");
+    assert_eq!(s["timeouts"], 0, "{s}");
+    let s = a.fn_stats(OK).await;
+    assert_eq!(s["invocations"], 2, "{s}");
+
+    let mut a = Arc::try_unwrap(a)
+        .ok()
+        .expect("no other users of the agent");
+    halt_leaving_nothing(&mut a, &[F, OK]).await;
+}
+
+/// Shut the agent down (bounded) and check nothing of `functions` is left on disk.
+async fn halt_leaving_nothing(a: &mut TestAgent, functions: &[&str]) {
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), a.halt())
+        .await
+        .expect("agent shutdown hung");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    let dirs = a.leftover_state_dirs();
+    let cgroups: Vec<String> = functions.iter().flat_map(|f| leftover_cgroups(f)).collect();
+    assert!(
+        dirs.is_empty() && cgroups.is_empty(),
+        "left after shutdown: state dirs {dirs:?}, cgroups {cgroups:?}"
+    );
+}
