@@ -108,6 +108,11 @@ pub struct Invocation {
     pub log_tail: Option<String>,
 }
 
+/// How long past its timeout an invocation may take before the agent gives up on the
+/// sandbox (the probe enforces the timeout itself and answers within a few ms of it; a
+/// sandbox that neither takes its event nor answers is ended at this deadline).
+pub const INVOKE_GRACE: Duration = Duration::from_millis(750);
+
 /// Size of the log tail returned for `X-Amz-Log-Type: Tail`, as Lambda's.
 pub const LOG_TAIL_BYTES: usize = 4096;
 
@@ -588,7 +593,8 @@ impl Agent {
                         } else {
                             "sandbox died"
                         };
-                        agent.destroy(&sb, reason).await;
+                        // Each ended on its own task: no one sandbox holds up the reaper.
+                        agent.spawn_destroy(sb, reason);
                     }
                 }
             }
@@ -774,8 +780,9 @@ impl Agent {
                     timeout_ms: timeout.as_millis() as u64,
                     traceparent,
                 },
-                // The probe enforces the deadline; this is the backstop if it cannot.
-                timeout + Duration::from_secs(2),
+                // The probe enforces the deadline; this is the backstop if it cannot (the
+                // sandbox stopped reading or answering): writing the event included.
+                timeout + INVOKE_GRACE,
             )
             .await;
         sample.set(Phase::Invoke, t_send.elapsed());
@@ -828,7 +835,7 @@ impl Agent {
                     ),
                 }
             }
-            Err(LinkError::Timeout { .. }) => (
+            Err(LinkError::Timeout { .. } | LinkError::WriteTimeout { .. }) => (
                 Status::Timeout,
                 Vec::new(),
                 "Sandbox.Timedout".into(),
@@ -1332,11 +1339,15 @@ impl Agent {
     }
 
     /// End every sandbox (agent shutdown).
-    pub async fn shutdown(&self) {
+    pub async fn shutdown(self: &Arc<Self>) {
         self.alerts.stop();
+        // All at once: each end is bounded, and one slow sandbox does not hold up the rest.
+        let mut ending = tokio::task::JoinSet::new();
         for sb in self.live_sandboxes() {
-            self.destroy(&sb, "agent shutting down").await;
+            let a = self.clone();
+            ending.spawn(async move { a.destroy(&sb, "agent shutting down").await });
         }
+        while ending.join_next().await.is_some() {}
         if let Some(o) = &self.otlp {
             // The last figures, then whatever is queued: to the backend, else the spool.
             if let Some(m) = &o.metrics {

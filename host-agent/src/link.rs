@@ -4,6 +4,13 @@
 //! A link is untrusted input. Bad frames, an oversized length or an early close end
 //! *this* link only: pending requests fail with the reason, the error is counted and
 //! logged (rate-limited), and every other sandbox keeps serving.
+//!
+//! Nothing waits on a link without a deadline. Frames go out through one writer task
+//! that owns the write half; every frame carries a deadline, and a write that has not
+//! finished by it (the sandbox stopped reading: frozen, `SIGSTOP`ped, wedged) closes the
+//! link, since a frame cut midway cannot be resumed. Callers wait at most until their
+//! deadline, and a caller that goes away leaves the frame to the writer, so framing
+//! never breaks. Closing a link also stops its reader and writer tasks.
 
 use crate::metrics::AgentMetrics;
 use std::collections::VecDeque;
@@ -49,6 +56,14 @@ pub enum LinkError {
         /// What we waited for.
         what: &'static str,
         /// How long.
+        after: Duration,
+    },
+    /// A frame could not be written by its deadline: the probe is not reading.
+    #[error("probe did not take the {kind} frame within {after:?}: it is not reading its link")]
+    WriteTimeout {
+        /// Frame kind.
+        kind: &'static str,
+        /// The time it had.
         after: Duration,
     },
     /// Sending a frame failed.
@@ -126,11 +141,38 @@ struct Pending {
 
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// Frames waiting for the writer task, at most. Callers wait (until their deadline) for
+/// room; a sandbox that stops reading fills it and its writes time out.
+const WRITE_QUEUE: usize = 32;
+
+/// How long a Shutdown frame may take to go out (ending a sandbox does not wait longer:
+/// it is killed anyway).
+const SHUTDOWN_WRITE: Duration = Duration::from_millis(250);
+
+/// How long control frames (shell input, resize, signals, opens) may take to go out.
+const CONTROL_WRITE: Duration = Duration::from_secs(5);
+
+/// How long a Pong may take to go out.
+const PONG_WRITE: Duration = Duration::from_secs(1);
+
+/// One frame for the writer task.
+struct Outgoing {
+    frame: Frame,
+    /// Not written by then: fail it, and close the link if it was cut midway.
+    deadline: tokio::time::Instant,
+    /// The time it was given (for the error).
+    budget: Duration,
+    /// The frame's fate, if someone waits for it.
+    done: Option<oneshot::Sender<Result<(), LinkError>>>,
+}
+
 /// The agent's end of a probe link.
 pub struct Link {
     sandbox: Arc<str>,
     function: Arc<str>,
-    writer: tokio::sync::Mutex<AsyncFrameWriter<Writer>>,
+    out: mpsc::Sender<Outgoing>,
+    /// Becomes true when the link closes; stops the reader and writer tasks.
+    closing: tokio::sync::watch::Sender<bool>,
     pending: Mutex<Pending>,
     alive: AtomicBool,
     closed_reason: Mutex<Option<String>>,
@@ -210,10 +252,12 @@ impl Link {
             });
         }
         let (ready_tx, ready_rx) = oneshot::channel();
+        let (out, queued) = mpsc::channel(WRITE_QUEUE);
         let link = Arc::new(Link {
             sandbox: sandbox.into(),
             function: function.into(),
-            writer: tokio::sync::Mutex::new(AsyncFrameWriter::new(Box::new(w) as Writer)),
+            out,
+            closing: tokio::sync::watch::Sender::new(false),
             pending: Mutex::new(Pending {
                 ready: Some(ready_tx),
                 ..Default::default()
@@ -230,6 +274,12 @@ impl Link {
         });
         let l2 = link.clone();
         tokio::spawn(async move { l2.read_loop(reader).await });
+        tokio::spawn(write_loop(
+            Arc::downgrade(&link),
+            link.closing.subscribe(),
+            queued,
+            AsyncFrameWriter::new(Box::new(w) as Writer),
+        ));
         Ok(Handshake {
             link,
             hello,
@@ -239,8 +289,15 @@ impl Link {
     }
 
     async fn read_loop<R: AsyncRead + Unpin>(self: Arc<Self>, mut reader: AsyncFrameReader<R>) {
+        let mut closing = self.closing.subscribe();
         let reason = loop {
-            match reader.next().await {
+            let next = tokio::select! {
+                // Closed from our side (a write timed out, the sandbox is ending): stop
+                // reading, whatever the probe does.
+                _ = closing.wait_for(|c| *c) => return,
+                next = reader.next() => next,
+            };
+            match next {
                 Ok(Some(f)) => Self::route(&self, f),
                 Ok(None) => break "probe closed the link".to_string(),
                 Err(e) => {
@@ -263,6 +320,7 @@ impl Link {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(reason);
+        self.closing.send_replace(true);
         // Dropping the senders wakes every waiter with an error.
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Pending::default();
         let why = self.closed_reason().unwrap_or_default();
@@ -306,15 +364,11 @@ impl Link {
             // Answer from a task: the reader must never wait on the writer.
             let link = this.clone();
             tokio::spawn(async move {
-                let _ = link
-                    .send(
-                        wire::Pong {
-                            nonce: ping.nonce,
-                            since_init_ns: 0,
-                        }
-                        .into(),
-                    )
-                    .await;
+                let pong = wire::Pong {
+                    nonce: ping.nonce,
+                    since_init_ns: 0,
+                };
+                let _ = link.send(pong.into(), PONG_WRITE).await;
             });
             return;
         }
@@ -472,23 +526,48 @@ impl Link {
         LinkError::Closed(self.closed_reason().unwrap_or_else(|| "link closed".into()))
     }
 
-    async fn send(&self, frame: Frame) -> Result<(), LinkError> {
+    /// Hand `frame` to the writer and wait until it is written, at most `within`.
+    async fn send(&self, frame: Frame, within: Duration) -> Result<(), LinkError> {
+        self.send_by(frame, tokio::time::Instant::now() + within)
+            .await
+    }
+
+    /// Hand `frame` to the writer and wait until it is written, at most until `deadline`
+    /// (the writer gives up on it then too). Dropping this future leaves the frame to the
+    /// writer, which still honours the deadline.
+    async fn send_by(&self, frame: Frame, deadline: tokio::time::Instant) -> Result<(), LinkError> {
         if !self.is_alive() {
             return Err(self.closed_err());
         }
         let kind = frame.kind();
-        let mut w = self.writer.lock().await;
-        w.send(&frame)
-            .await
-            .map_err(|source| LinkError::Send { kind, source })
+        let after = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let timed_out = LinkError::WriteTimeout { kind, after };
+        let (done, written) = oneshot::channel();
+        let item = Outgoing {
+            frame,
+            deadline,
+            budget: after,
+            done: Some(done),
+        };
+        match tokio::time::timeout_at(deadline, self.out.send(item)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(self.closed_err()),
+            Err(_) => return Err(timed_out),
+        }
+        match tokio::time::timeout_at(deadline, written).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(self.closed_err()),
+            Err(_) => Err(timed_out),
+        }
     }
 
-    /// Send an Invoke and wait (up to `wait`) for its result.
+    /// Send an Invoke and wait (up to `wait`, writing included) for its result.
     pub async fn invoke(
         &self,
         inv: wire::Invoke,
         wait: Duration,
     ) -> Result<wire::InvokeResult, LinkError> {
+        let deadline = tokio::time::Instant::now() + wait;
         let (tx, rx) = oneshot::channel();
         {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -499,8 +578,8 @@ impl Link {
             p.trace = exporters::otlp::traces::TraceContext::parse(&inv.traceparent)
                 .map(|c| (inv.invoke_id.clone(), (c.trace_id, c.span_id)));
         }
-        self.send(inv.into()).await?;
-        match tokio::time::timeout(wait, rx).await {
+        self.send_by(inv.into(), deadline).await?;
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(self.closed_err()),
             Err(_) => Err(LinkError::Timeout {
@@ -518,8 +597,9 @@ impl Link {
             .unwrap_or_else(|p| p.into_inner())
             .stats
             .push(tx);
-        self.send(wire::StatsRequest {}.into()).await?;
-        match tokio::time::timeout(wait, rx).await {
+        let deadline = tokio::time::Instant::now() + wait;
+        self.send_by(wire::StatsRequest {}.into(), deadline).await?;
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(_)) => Err(self.closed_err()),
             Err(_) => Err(LinkError::Timeout {
@@ -535,8 +615,9 @@ impl Link {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).ping = Some((nonce, tx));
         let t0 = Instant::now();
-        self.send(wire::Ping { nonce }.into()).await?;
-        match tokio::time::timeout(wait, rx).await {
+        let deadline = tokio::time::Instant::now() + wait;
+        self.send_by(wire::Ping { nonce }.into(), deadline).await?;
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(p)) => Ok((t0.elapsed(), p.since_init_ns)),
             Ok(Err(_)) => Err(self.closed_err()),
             Err(_) => Err(LinkError::Timeout {
@@ -563,7 +644,7 @@ impl Link {
             }
             shells.insert(session, tx);
         }
-        if let Err(e) = self.send(open.into()).await {
+        if let Err(e) = self.send(open.into(), CONTROL_WRITE).await {
             self.shells().remove(&session);
             return Err(e);
         }
@@ -572,7 +653,7 @@ impl Link {
 
     /// Send a shell frame (input, resize, signal) for an open session.
     pub async fn shell_frame(&self, frame: Frame) -> Result<(), LinkError> {
-        self.send(frame).await
+        self.send(frame, CONTROL_WRITE).await
     }
 
     /// Stop routing a session's events (its consumer is gone).
@@ -580,16 +661,81 @@ impl Link {
         self.shells().remove(&session);
     }
 
-    /// Ask the probe to end the sandbox. Best effort.
+    /// Ask the probe to end the sandbox. Best effort, and brief: a probe that does not
+    /// take the frame at once gets none (its sandbox is killed anyway).
     pub async fn shutdown(&self, reason: &str, grace: Duration) {
-        let _ = self
-            .send(
-                wire::Shutdown {
-                    reason: reason.into(),
-                    grace_ms: grace.as_millis().min(60_000) as u32,
-                }
-                .into(),
-            )
-            .await;
+        let frame = wire::Shutdown {
+            reason: reason.into(),
+            grace_ms: grace.as_millis().min(60_000) as u32,
+        };
+        let _ = self.send(frame.into(), SHUTDOWN_WRITE).await;
     }
+}
+
+/// The writer task: writes queued frames in order, each by its deadline. A frame whose
+/// deadline passed before it was started fails alone; one cut midway by its deadline (or
+/// by a write error) closes the link. Ends when the link closes or is dropped.
+async fn write_loop(
+    link: std::sync::Weak<Link>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    mut queued: mpsc::Receiver<Outgoing>,
+    mut w: AsyncFrameWriter<Writer>,
+) {
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = closing.wait_for(|c| *c) => break,
+            item = queued.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+        };
+        let kind = item.frame.kind();
+        let now = tokio::time::Instant::now();
+        if now >= item.deadline {
+            if let Some(done) = item.done {
+                let _ = done.send(Err(LinkError::WriteTimeout {
+                    kind,
+                    after: item.budget,
+                }));
+            }
+            continue;
+        }
+        let after = item.budget;
+        let r = tokio::select! {
+            _ = closing.wait_for(|c| *c) => break,
+            r = tokio::time::timeout_at(item.deadline, w.send(&item.frame)) => r,
+        };
+        let (result, broke) = match r {
+            Ok(Ok(())) => (Ok(()), None),
+            Ok(Err(source)) => {
+                let why = format!("writing {kind} to the probe failed: {source}");
+                (Err(LinkError::Send { kind, source }), Some(why))
+            }
+            Err(_) => (
+                Err(LinkError::WriteTimeout { kind, after }),
+                Some(format!(
+                    "the probe stopped reading: a {kind} frame was not taken within {after:?}"
+                )),
+            ),
+        };
+        if let Some(done) = item.done {
+            let _ = done.send(result);
+        }
+        if let Some(why) = broke {
+            if let Some(link) = link.upgrade() {
+                tracing::debug!(sandbox = %link.sandbox, "closing probe link: {why}");
+                link.close(why);
+            }
+            break;
+        }
+    }
+    // Queued frames fail (their senders drop); the probe sees end of stream.
+    drop(queued);
+    let mut inner = w.into_inner();
+    let _ = tokio::time::timeout(Duration::from_millis(100), async {
+        use tokio::io::AsyncWriteExt;
+        let _ = inner.shutdown().await;
+    })
+    .await;
 }

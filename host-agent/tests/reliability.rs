@@ -239,3 +239,151 @@ async fn halt_leaving_nothing(a: &mut TestAgent, functions: &[&str]) {
         "left after shutdown: state dirs {dirs:?}, cgroups {cgroups:?}"
     );
 }
+
+/// An event of nearly the largest size: far more than a socket buffer holds, so writing
+/// it to a sandbox that does not read blocks.
+fn big_event() -> String {
+    format!("\"{}\"", "x".repeat(wire::MAX_PAYLOAD - 64))
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: String) -> (u16, String, Duration) {
+    let t0 = Instant::now();
+    let r = client.post(url).body(body).send().await;
+    match r {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            (status, body, t0.elapsed())
+        }
+        Err(e) => (0, format!("{e}"), t0.elapsed()),
+    }
+}
+
+async fn gone(a: &TestAgent, id: &str) -> Result<(), String> {
+    let listed = a.live_ids().await.iter().any(|l| l == id);
+    let dir = a.leftover_state_dirs().iter().any(|d| d == id);
+    let cgroups = leftover_cgroups(id);
+    if !listed && !dir && cgroups.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id}: listed {listed}, state dir {dir}, cgroups {cgroups:?}"
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_sandbox_cannot_hang_its_invocation_the_reaper_or_shutdown() {
+    if !common::can_run() {
+        return;
+    }
+    const F: &str = "rel-stop";
+    const IDLE: &str = "rel-stopidle";
+    const OK: &str = "rel-ok2";
+    for f in [F, IDLE, OK] {
+        common::clear_stale_cgroups(f);
+    }
+    let mut a = start_with(
+        &[
+            func(F, "cat >/dev/null; echo '{}'", "timeout_s = 1"),
+            func(IDLE, "cat", "[functions.pool]\nkeep_alive_s = 0.3"),
+            func(OK, "cat", ""),
+        ],
+        "",
+        process_driver,
+    )
+    .await;
+    let patient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let url = invoke_url(&a, F);
+
+    // A warm sandbox whose processes are then stopped: it reads nothing any more.
+    let warm = a.invoke(F, "{}").await;
+    assert_eq!(warm.status, 200, "{warm:?}");
+    let ok = a.invoke(OK, "{}").await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert!(common::stop_sandbox(&warm.sandbox) >= 2);
+
+    // A 1 MB event cannot be written to it. The invocation ends by its timeout plus a
+    // second with a timeout error, while another function keeps serving.
+    let big = tokio::spawn({
+        let (client, url) = (patient.clone(), url.clone());
+        async move { post(&client, &url, big_event()).await }
+    });
+    for i in 0..5 {
+        let t0 = Instant::now();
+        let r = a.invoke(OK, &format!("{{\"i\":{i}}}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{OK} stalled");
+    }
+    let (status, body, took) = big.await.unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "the invocation took {took:?} (timeout 1 s): {status} {body}"
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["errorType"], "Sandbox.Timedout", "{v}");
+    assert!(
+        v["errorMessage"].as_str().unwrap().contains("1.00 seconds"),
+        "{v}"
+    );
+    // The stopped sandbox is ended and nothing of it is left.
+    let ar = &a;
+    let id = warm.sandbox.clone();
+    until(Duration::from_secs(5), "stopped sandbox ended", || {
+        let id = id.clone();
+        async move { gone(ar, &id).await }
+    })
+    .await;
+
+    // A stopped idle sandbox is reaped like any other.
+    let idle = a.invoke(IDLE, "{}").await;
+    assert_eq!(idle.status, 200, "{idle:?}");
+    assert!(common::stop_sandbox(&idle.sandbox) >= 2);
+    wait_nothing_left_of(&a, IDLE, Duration::from_secs(5)).await;
+    let r = a.invoke(OK, "{}").await;
+    assert_eq!((r.status, r.cold), (200, false), "{r:?}");
+
+    let s = a.fn_stats(F).await;
+    assert_eq!(
+        (s["invocations"].as_u64(), s["timeouts"].as_u64()),
+        (Some(2), Some(1)),
+        "{s}"
+    );
+    let s = a.fn_stats(OK).await;
+    assert_eq!(s["invocations"], 7, "{s}");
+
+    // Shutdown while an invocation is stuck writing to a stopped sandbox: it completes
+    // promptly, the invocation ends with an error, nothing is left.
+    let warm = a.invoke(F, "{}").await;
+    assert_eq!(warm.status, 200, "{warm:?}");
+    assert!(common::stop_sandbox(&warm.sandbox) >= 2);
+    let stuck = tokio::spawn({
+        let (client, url) = (patient.clone(), url.clone());
+        async move { post(&client, &url, big_event()).await }
+    });
+    let ar = &a;
+    until(
+        Duration::from_secs(5),
+        "invocation in flight",
+        || async move {
+            let v = ar.fn_view(F).await;
+            if v["sandboxes"]["busy"] == 1 {
+                Ok(())
+            } else {
+                Err(format!("{v}"))
+            }
+        },
+    )
+    .await;
+    halt_leaving_nothing(&mut a, &[F, IDLE, OK]).await;
+    let (status, body, took) = stuck.await.unwrap();
+    assert!(
+        took < Duration::from_secs(2),
+        "the stuck invocation took {took:?}: {status} {body}"
+    );
+}

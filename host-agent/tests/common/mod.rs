@@ -52,9 +52,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Sandbox cgroups (any controller, v1 or v2) whose name starts with `prefix`: what is
-/// left of sandboxes of a function named `prefix` (use names unique to the test: the
-/// `sandscope` parent is shared with every agent on the machine).
+/// Sandbox cgroups (any controller, v1 or v2) named `prefix` or starting with `prefix-`:
+/// what is left of a sandbox, or of the sandboxes of a function named `prefix` (use names
+/// unique to the test: the `sandscope` parent is shared with every agent on the machine).
 pub fn leftover_cgroups(prefix: &str) -> Vec<String> {
     let mut parents = vec![std::path::PathBuf::from("/sys/fs/cgroup/sandscope")];
     if let Ok(d) = std::fs::read_dir("/sys/fs/cgroup") {
@@ -64,7 +64,7 @@ pub fn leftover_cgroups(prefix: &str) -> Vec<String> {
     for p in parents {
         for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{prefix}-")) && e.path().is_dir() {
+            if (name == prefix || name.starts_with(&format!("{prefix}-"))) && e.path().is_dir() {
                 out.push(e.path().display().to_string());
             }
         }
@@ -78,6 +78,36 @@ pub fn clear_stale_cgroups(prefix: &str) {
     for d in leftover_cgroups(prefix) {
         let _ = std::fs::remove_dir(d);
     }
+}
+
+/// Host pids of every process in sandbox `id` (from its cgroups).
+pub fn sandbox_pids(id: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = leftover_cgroups(id)
+        .iter()
+        .filter(|d| d.ends_with(&format!("/{id}")))
+        .flat_map(|d| {
+            std::fs::read_to_string(format!("{d}/cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// `kill -STOP` every process of sandbox `id`; returns how many there were.
+pub fn stop_sandbox(id: &str) -> usize {
+    let pids = sandbox_pids(id);
+    for &p in &pids {
+        // SAFETY: kill(2) on pids read from the sandbox's own cgroup; touches no memory.
+        unsafe {
+            libc::kill(p, libc::SIGSTOP);
+        }
+    }
+    pids.len()
 }
 
 /// Resident memory of this test process (which hosts the agent), bytes.
