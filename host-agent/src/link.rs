@@ -14,7 +14,7 @@
 
 use crate::metrics::AgentMetrics;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -155,6 +155,10 @@ const CONTROL_WRITE: Duration = Duration::from_secs(5);
 /// How long a Pong may take to go out.
 const PONG_WRITE: Duration = Duration::from_secs(1);
 
+/// Pongs the agent may owe a probe (queued, not yet written). A probe that pings faster
+/// than it reads the answers is flooding: it loses its link (and so its sandbox).
+pub const MAX_OWED_PONGS: usize = 16;
+
 /// One frame for the writer task.
 struct Outgoing {
     frame: Frame,
@@ -164,6 +168,8 @@ struct Outgoing {
     budget: Duration,
     /// The frame's fate, if someone waits for it.
     done: Option<oneshot::Sender<Result<(), LinkError>>>,
+    /// A reply the link owes the probe (counted in [`Link::owed`] until written).
+    owed: bool,
 }
 
 /// The agent's end of a probe link.
@@ -173,6 +179,9 @@ pub struct Link {
     out: mpsc::Sender<Outgoing>,
     /// Becomes true when the link closes; stops the reader and writer tasks.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Replies queued for the probe and not yet written: the only work a probe can make
+    /// the agent do on its behalf, bounded by [`MAX_OWED_PONGS`].
+    owed: Arc<AtomicUsize>,
     pending: Mutex<Pending>,
     alive: AtomicBool,
     closed_reason: Mutex<Option<String>>,
@@ -258,6 +267,7 @@ impl Link {
             function: function.into(),
             out,
             closing: tokio::sync::watch::Sender::new(false),
+            owed: Arc::default(),
             pending: Mutex::new(Pending {
                 ready: Some(ready_tx),
                 ..Default::default()
@@ -277,6 +287,7 @@ impl Link {
         tokio::spawn(write_loop(
             Arc::downgrade(&link),
             link.closing.subscribe(),
+            link.owed.clone(),
             queued,
             AsyncFrameWriter::new(Box::new(w) as Writer),
         ));
@@ -298,6 +309,7 @@ impl Link {
                 next = reader.next() => next,
             };
             match next {
+                Ok(Some(_)) if !self.is_alive() => return,
                 Ok(Some(f)) => Self::route(&self, f),
                 Ok(None) => break "probe closed the link".to_string(),
                 Err(e) => {
@@ -361,18 +373,49 @@ impl Link {
     fn route(this: &Arc<Self>, f: Frame) {
         let Some(body) = f.body else { return };
         if let Body::Ping(ping) = body {
-            // Answer from a task: the reader must never wait on the writer.
-            let link = this.clone();
-            tokio::spawn(async move {
-                let pong = wire::Pong {
-                    nonce: ping.nonce,
-                    since_init_ns: 0,
-                };
-                let _ = link.send(pong.into(), PONG_WRITE).await;
-            });
+            this.answer_ping(ping);
             return;
         }
         this.route_body(body);
+    }
+
+    /// Queue a Pong without waiting (the reader never waits on the writer). A probe that
+    /// is owed more than [`MAX_OWED_PONGS`], or whose queue is full, is not reading what
+    /// it asks for: it is flooding, and loses its link.
+    fn answer_ping(&self, ping: wire::Ping) {
+        let owed = self.owed.fetch_add(1, Ordering::AcqRel) + 1;
+        let item = Outgoing {
+            frame: wire::Pong {
+                nonce: ping.nonce,
+                since_init_ns: 0,
+            }
+            .into(),
+            deadline: tokio::time::Instant::now() + PONG_WRITE,
+            budget: PONG_WRITE,
+            done: None,
+            owed: true,
+        };
+        let queued = owed <= MAX_OWED_PONGS && self.out.try_send(item).is_ok();
+        if !queued {
+            self.owed.fetch_sub(1, Ordering::AcqRel);
+            if self.is_alive() {
+                self.flooded(format!(
+                    "probe flooded the link with pings: {MAX_OWED_PONGS} answers owed and \
+                     it does not read them"
+                ));
+            }
+        }
+    }
+
+    /// Close the link of a probe that makes the agent work faster than it reads: counted
+    /// and logged (rate-limited); its sandbox is then replaced like any with a dead link.
+    fn flooded(&self, why: String) {
+        self.metrics.link_floods.fetch_add(1, Ordering::Relaxed);
+        let (log, suppressed) = self.metrics.link_error_log.allow();
+        if log {
+            tracing::warn!(sandbox = %self.sandbox, suppressed, "{why}; closing its link");
+        }
+        self.close(why);
     }
 
     fn route_body(&self, body: Body) {
@@ -548,6 +591,7 @@ impl Link {
             deadline,
             budget: after,
             done: Some(done),
+            owed: false,
         };
         match tokio::time::timeout_at(deadline, self.out.send(item)).await {
             Ok(Ok(())) => {}
@@ -678,6 +722,7 @@ impl Link {
 async fn write_loop(
     link: std::sync::Weak<Link>,
     mut closing: tokio::sync::watch::Receiver<bool>,
+    owed: Arc<AtomicUsize>,
     mut queued: mpsc::Receiver<Outgoing>,
     mut w: AsyncFrameWriter<Writer>,
 ) {
@@ -690,6 +735,9 @@ async fn write_loop(
                 None => break,
             },
         };
+        if item.owed {
+            owed.fetch_sub(1, Ordering::AcqRel);
+        }
         let kind = item.frame.kind();
         let now = tokio::time::Instant::now();
         if now >= item.deadline {

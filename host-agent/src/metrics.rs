@@ -9,6 +9,9 @@ use std::time::Duration;
 pub struct AgentMetrics {
     /// Probe links closed for a protocol error.
     pub link_errors: AtomicU64,
+    /// Probe links closed because the probe made the agent owe it more work than it read
+    /// (a ping flood).
+    pub link_floods: AtomicU64,
     /// Frames that arrived where they make no sense (ignored).
     pub unexpected_frames: AtomicU64,
     /// Log lines received.
@@ -29,6 +32,7 @@ impl Default for AgentMetrics {
     fn default() -> Self {
         Self {
             link_errors: AtomicU64::new(0),
+            link_floods: AtomicU64::new(0),
             unexpected_frames: AtomicU64::new(0),
             log_lines: AtomicU64::new(0),
             log_lines_lost: AtomicU64::new(0),
@@ -46,6 +50,7 @@ impl AgentMetrics {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
             "link_errors": g(&self.link_errors),
+            "link_floods": g(&self.link_floods),
             "unexpected_frames": g(&self.unexpected_frames),
             "log_lines": g(&self.log_lines),
             "log_lines_lost": g(&self.log_lines_lost),

@@ -91,6 +91,14 @@ async fn misbehave(mode: String, id: String, mut s: tokio::net::UnixStream, done
             let _ = s.write_all(&[0xff; 64]).await;
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
+        "bad-pingflood" => {
+            // Pings as fast as the socket takes them, never reading a byte: every Pong
+            // the agent owes stays unread.
+            let _ = s.write_all(&hello).await;
+            let _ = s.write_all(&frame(wire::Ready::default().into())).await;
+            let burst = frame(wire::Ping { nonce: 7 }.into()).repeat(4096);
+            while s.write_all(&burst).await.is_ok() {}
+        }
         other => panic!("unknown mode {other}"),
     }
     done.store(true, Ordering::Release);
@@ -235,4 +243,93 @@ async fn misbehaving_probes_fail_alone_and_other_sandboxes_keep_serving() {
     // The good sandbox is still there and warm.
     let r = a.invoke("good", "{}").await;
     assert!(!r.cold);
+}
+
+/// Peak resident memory of this process (which hosts the agent) while `work` runs.
+async fn peak_rss_during<T>(work: impl std::future::Future<Output = T>) -> (T, u64) {
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(common::vm_rss_bytes()));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Acquire) {
+                peak.fetch_max(common::vm_rss_bytes(), Ordering::AcqRel);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let out = work.await;
+    sampling.store(false, Ordering::Release);
+    sampler.await.unwrap();
+    peak.fetch_max(common::vm_rss_bytes(), Ordering::AcqRel);
+    (out, peak.load(Ordering::Acquire))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_flood_loses_its_link_and_sandbox_with_agent_memory_bounded() {
+    if !common::can_run() {
+        return;
+    }
+    let funcs = [
+        func("good", "cat", ""),
+        func("bad-pingflood", "cat", "timeout_s = 1"),
+    ];
+    let a = start_with(&funcs, "boot_timeout_s = 1", |cfg| {
+        let real = host_agent::drivers::process::ProcessDriver::new(cfg).unwrap();
+        Arc::new(Mixed {
+            real: Arc::new(real),
+        })
+    })
+    .await;
+    let warm = a.invoke("good", "{}").await;
+    assert_eq!(warm.status, 200, "{warm:?}");
+
+    let before = common::vm_rss_bytes();
+    let ((r, took), peak) = peak_rss_during(async {
+        let t0 = Instant::now();
+        let r = a.invoke("bad-pingflood", "{}").await;
+        (r, t0.elapsed())
+    })
+    .await;
+    let grew = peak.saturating_sub(before);
+    assert!(
+        grew < 64 << 20,
+        "agent memory grew by {} MiB under a ping flood",
+        grew >> 20
+    );
+    // The invocation ends well within its timeout plus a second, saying why.
+    assert!(took < Duration::from_secs(2), "took {took:?}: {r:?}");
+    assert_eq!(r.function_error.as_deref(), Some("Unhandled"), "{r:?}");
+    let msg = r.json()["errorMessage"].as_str().unwrap().to_string();
+    assert!(msg.contains("flood"), "{msg}");
+
+    // Counted; the sandbox is gone; the other function is still warm.
+    let m = a.agent.metrics().to_json();
+    assert_eq!(m["link_floods"], 1, "{m}");
+    let ended = a
+        .wait_for(Duration::from_secs(5), || async {
+            let v = a.get("/v1/sandboxes").await;
+            !v["sandboxes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["function"] == "bad-pingflood")
+        })
+        .await;
+    assert!(ended, "the flooding sandbox is still listed");
+    let r = a.invoke("good", "{}").await;
+    assert_eq!((r.status, r.cold), (200, false), "{r:?}");
+    let stats = a.get("/v1/stats").await;
+    let bad = stats["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "bad-pingflood")
+        .unwrap();
+    assert_eq!(
+        (bad["invocations"].as_u64(), bad["errors"].as_u64()),
+        (Some(1), Some(1)),
+        "{bad}"
+    );
+    a.stop().await;
 }
