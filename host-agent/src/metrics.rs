@@ -57,6 +57,8 @@ impl AgentMetrics {
             "spawn_failures": g(&self.spawn_failures),
             "sandboxes_started": g(&self.sandboxes_started),
             "sandboxes_ended": g(&self.sandboxes_ended),
+            "console_lines_cut": g(&crate::drivers::console::LINES_CUT),
+            "console_bytes_cut": g(&crate::drivers::console::BYTES_CUT),
         })
     }
 }

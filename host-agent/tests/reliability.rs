@@ -387,3 +387,80 @@ async fn stopped_sandbox_cannot_hang_its_invocation_the_reaper_or_shutdown() {
         "the stuck invocation took {took:?}: {status} {body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_flood_from_a_handler_keeps_agent_memory_bounded() {
+    if !common::can_run() {
+        return;
+    }
+    const F: &str = "rel-console";
+    const OK: &str = "rel-ok4";
+    for f in [F, OK] {
+        common::clear_stale_cgroups(f);
+    }
+    // Handlers run as root in the sandbox: they can write to the probe's own stderr,
+    // which the agent reads. 128 MiB without a newline, then many long lines.
+    let flood = "cat >/dev/null\n\
+                 head -c 134217728 /dev/zero | tr '\\0' x > /proc/1/fd/2\n\
+                 head -c 16777216 /dev/zero | tr '\\0' y | fold -w 65536 > /proc/1/fd/2\n\
+                 echo '{\"flooded\":true}'";
+    let mut a = start_with(
+        &[func(F, flood, "timeout_s = 20"), func(OK, "cat", "")],
+        "",
+        process_driver,
+    )
+    .await;
+    let ok = a.invoke(OK, "{}").await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+
+    let before = common::vm_rss_bytes();
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Acquire) {
+                peak.fetch_max(common::vm_rss_bytes(), Ordering::AcqRel);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let r = a.invoke(F, "{}").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "{\"flooded\":true}\n"),
+        "{r:?}"
+    );
+    // Each write returned once the agent had read all but a pipe buffer of it.
+    sampling.store(false, Ordering::Release);
+    sampler.await.unwrap();
+    let grew = peak.load(Ordering::Acquire).saturating_sub(before);
+    assert!(
+        grew < 64 << 20,
+        "agent memory grew by {} MiB reading a console flood",
+        grew >> 20
+    );
+    // The cut lines are counted once the agent has read to their ends.
+    let ar = &a;
+    until(
+        Duration::from_secs(10),
+        "cut console lines counted",
+        || async move {
+            let m = ar.agent.metrics().to_json();
+            match m["console_lines_cut"].as_u64() {
+                Some(n) if n >= 2 => Ok(()),
+                _ => Err(format!("{m}")),
+            }
+        },
+    )
+    .await;
+    let ok = a.invoke(OK, "{}").await;
+    assert_eq!((ok.status, ok.cold), (200, false), "{ok:?}");
+    let s = a.fn_stats(F).await;
+    assert_eq!(
+        (s["invocations"].as_u64(), s["errors"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+    halt_leaving_nothing(&mut a, &[F, OK]).await;
+}

@@ -1,6 +1,7 @@
 //! Sandbox drivers: how a sandbox is started, frozen, measured and ended. The pool and
 //! the invoke path only see [`Driver`] and [`SandboxHandle`].
 
+pub mod console;
 pub mod process;
 pub mod qemu;
 pub mod vm;
@@ -285,13 +286,11 @@ pub async fn wait_flag(
     exited.load(Ordering::Acquire)
 }
 
-/// Read a child's stdout and stderr line by line into the ring `ring` (at most `cap`
-/// lines, oldest dropped), each line prefixed with `prefix`, and log them at debug level
-/// for sandbox `id`.
+/// Read a child's stdout and stderr into `console` (bounded: see [`console`]), each
+/// line prefixed with `prefix`, and log them at debug level for sandbox `id`.
 pub fn keep_output(
     child: &mut tokio::process::Child,
-    ring: &Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
-    cap: usize,
+    console: &Arc<console::Console>,
     id: &str,
     prefix: &str,
 ) {
@@ -303,30 +302,8 @@ pub fn keep_output(
         child.stderr.take().map(|e| Box::new(e) as _),
     ];
     for out in outs.into_iter().flatten() {
-        keep_lines(out, ring.clone(), cap, id.to_string(), prefix.to_string());
+        console::keep_lines(out, console.clone(), id.to_string(), prefix.to_string());
     }
-}
-
-fn keep_lines(
-    out: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
-    ring: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
-    cap: usize,
-    id: String,
-    prefix: String,
-) {
-    use tokio::io::AsyncBufReadExt;
-    tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(out).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            let l = l.trim_end_matches('\r');
-            tracing::debug!(sandbox = %id, "{prefix}{l}");
-            let mut r = ring.lock().unwrap_or_else(|p| p.into_inner());
-            if r.len() == cap {
-                r.pop_front();
-            }
-            r.push_back(format!("{prefix}{l}"));
-        }
-    });
 }
 
 /// Find an executable: the configured path, else `name` on PATH, else the first of

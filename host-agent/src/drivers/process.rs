@@ -10,11 +10,10 @@
 use super::{BoxFuture, Driver, DriverError, SandboxHandle, SandboxSpec, Spawned, Usage};
 use crate::cgroup::{Cgroups, Limits, SandboxCgroup};
 use crate::config::AgentConfig;
-use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Namespaces every sandbox gets.
@@ -23,6 +22,9 @@ const NS_FLAGS: libc::c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWPID;
+
+/// Lines of the probe's own output kept (diagnostics for failed starts).
+const DIAG_LINES: usize = 20;
 
 /// Most processes in one sandbox.
 const PIDS_MAX: u64 = 1024;
@@ -207,11 +209,11 @@ impl ProcessDriver {
             })?;
 
         let state = Arc::new(ProcState {
-            diag: Arc::default(),
+            diag: Arc::new(super::console::Console::new(DIAG_LINES)),
             exited: AtomicBool::new(false),
             exit_notify: tokio::sync::Notify::new(),
         });
-        super::keep_output(&mut child, &state.diag, 20, &spec.id, "");
+        super::keep_output(&mut child, &state.diag, &spec.id, "");
         let pid = child.id();
         let st = state.clone();
         tokio::spawn(async move {
@@ -234,7 +236,7 @@ impl ProcessDriver {
 }
 
 struct ProcState {
-    diag: Arc<Mutex<VecDeque<String>>>,
+    diag: Arc<super::console::Console>,
     exited: AtomicBool,
     exit_notify: tokio::sync::Notify,
 }
@@ -294,8 +296,7 @@ impl SandboxHandle for ProcSandbox {
     }
 
     fn diagnostics(&self) -> String {
-        let d = self.state.diag.lock().unwrap_or_else(|p| p.into_inner());
-        d.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.state.diag.text()
     }
 
     fn destroy(&self) -> BoxFuture<'_, ()> {

@@ -9,7 +9,7 @@
 use super::{BoxFuture, Configured, DriverError, SandboxHandle, Usage};
 use crate::config::{AgentConfig, FunctionSpec};
 use guest_image::kernel::Kernel;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -247,7 +247,7 @@ struct Proc {
 /// The processes of one VM, their console output, and teardown.
 pub struct VmProcs {
     procs: Mutex<Vec<Proc>>,
-    console: Arc<Mutex<VecDeque<String>>>,
+    console: Arc<super::console::Console>,
     main_exited: Arc<AtomicBool>,
     exit_notify: Arc<tokio::sync::Notify>,
     destroyed: AtomicBool,
@@ -261,7 +261,7 @@ impl VmProcs {
     pub fn new(id: &str, dir: PathBuf, configured: Configured) -> Self {
         Self {
             procs: Mutex::new(Vec::new()),
-            console: Arc::default(),
+            console: Arc::new(super::console::Console::new(CONSOLE_LINES)),
             main_exited: Arc::default(),
             exit_notify: Arc::default(),
             destroyed: AtomicBool::new(false),
@@ -293,7 +293,7 @@ impl VmProcs {
         } else {
             format!("[{name}] ")
         };
-        super::keep_output(&mut child, &self.console, CONSOLE_LINES, &self.id, &prefix);
+        super::keep_output(&mut child, &self.console, &self.id, &prefix);
         let exited = Arc::new(AtomicBool::new(false));
         let (ex, main_ex, notify) = (
             exited.clone(),
@@ -351,8 +351,7 @@ impl VmProcs {
 
     /// The console ring as text.
     pub fn console(&self) -> String {
-        let c = self.console.lock().unwrap_or_else(|p| p.into_inner());
-        c.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.console.text()
     }
 
     /// RSS and CPU of all the VM's processes (VMM + helpers), from procfs.
