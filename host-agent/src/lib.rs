@@ -16,6 +16,7 @@ pub mod api;
 pub mod cgroup;
 pub mod config;
 pub mod drivers;
+pub mod guest_limits;
 pub mod link;
 pub mod metrics;
 pub mod pool;

@@ -241,13 +241,15 @@ impl Link {
             Ok(Ok(Some(f))) => f,
         };
         let hello_at = Instant::now();
-        let hello = match first.body {
+        let mut hello = match first.body {
             Some(Body::Hello(h)) => h,
             _ => {
                 metrics.link_errors.fetch_add(1, Ordering::Relaxed);
                 return Err(LinkError::NotHello(first.kind()));
             }
         };
+        let cut = crate::guest_limits::hello(&mut hello);
+        metrics.guest_fields_cut.fetch_add(cut, Ordering::Relaxed);
         if hello.protocol_version != wire::PROTOCOL_VERSION {
             return Err(LinkError::Version {
                 got: hello.protocol_version,
@@ -371,7 +373,9 @@ impl Link {
     }
 
     fn route(this: &Arc<Self>, f: Frame) {
-        let Some(body) = f.body else { return };
+        let Some(mut body) = f.body else { return };
+        // Nothing from the probe is kept or passed on before the host's limits hold.
+        crate::guest_limits::enforce(&mut body, &this.metrics);
         if let Body::Ping(ping) = body {
             this.answer_ping(ping);
             return;
@@ -499,8 +503,9 @@ impl Link {
     }
 
     fn on_log(&self, l: wire::Log) {
+        // The probe picks `seq`: no arithmetic on it may overflow.
         let prev = self.last_seq.swap(l.seq, Ordering::AcqRel);
-        if l.seq > prev + 1 {
+        if l.seq > prev.saturating_add(1) {
             self.metrics
                 .log_lines_lost
                 .fetch_add(l.seq - prev - 1, Ordering::Relaxed);

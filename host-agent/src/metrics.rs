@@ -16,6 +16,12 @@ pub struct AgentMetrics {
     pub unexpected_frames: AtomicU64,
     /// Log lines received.
     pub log_lines: AtomicU64,
+    /// Log lines longer than the limit that the agent had to cut itself (a probe keeps the
+    /// limit; one that does not is cut on arrival).
+    pub log_lines_cut: AtomicU64,
+    /// Other fields from probes (report fields, markers, error texts, ids) cut or capped
+    /// on arrival at the host's limits (`guest_limits`).
+    pub guest_fields_cut: AtomicU64,
     /// Log lines the probe numbered but that never arrived (sequence gaps).
     pub log_lines_lost: AtomicU64,
     /// Sandboxes that failed to start.
@@ -36,6 +42,8 @@ impl Default for AgentMetrics {
             unexpected_frames: AtomicU64::new(0),
             log_lines: AtomicU64::new(0),
             log_lines_lost: AtomicU64::new(0),
+            log_lines_cut: AtomicU64::new(0),
+            guest_fields_cut: AtomicU64::new(0),
             spawn_failures: AtomicU64::new(0),
             sandboxes_started: AtomicU64::new(0),
             sandboxes_ended: AtomicU64::new(0),
@@ -54,6 +62,8 @@ impl AgentMetrics {
             "unexpected_frames": g(&self.unexpected_frames),
             "log_lines": g(&self.log_lines),
             "log_lines_lost": g(&self.log_lines_lost),
+            "log_lines_cut": g(&self.log_lines_cut),
+            "guest_fields_cut": g(&self.guest_fields_cut),
             "spawn_failures": g(&self.spawn_failures),
             "sandboxes_started": g(&self.sandboxes_started),
             "sandboxes_ended": g(&self.sandboxes_ended),

@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// 1 MiB log lines the `bad-longlines` probe sends.
+const LONG_LINES: u64 = 250;
+
 /// Real process sandboxes for most functions; a misbehaving fake probe for `bad-*`.
 struct Mixed {
     real: Arc<dyn Driver>,
@@ -61,7 +64,7 @@ async fn misbehave(mode: String, id: String, mut s: tokio::net::UnixStream, done
     let hello = frame(
         wire::Hello {
             protocol_version: wire::PROTOCOL_VERSION,
-            sandbox_id: id,
+            sandbox_id: id.clone(),
             ..Default::default()
         }
         .into(),
@@ -89,6 +92,56 @@ async fn misbehave(mode: String, id: String, mut s: tokio::net::UnixStream, done
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf).await; // the Invoke
             let _ = s.write_all(&[0xff; 64]).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        "bad-longlines" => {
+            // Everything at the frame limit, as if the probe kept none of its own limits:
+            // a Hello with huge fields, 1 MiB log lines, a result with huge error texts.
+            let hello = wire::Hello {
+                protocol_version: wire::PROTOCOL_VERSION,
+                sandbox_id: id,
+                hostname: "h".repeat(300_000),
+                kernel_release: "k".repeat(100_000),
+                markers: (0..4000u64)
+                    .map(|i| wire::Marker {
+                        name: "m".repeat(100),
+                        since_init_ns: i,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let _ = s.write_all(&frame(hello.into())).await;
+            let _ = s.write_all(&frame(wire::Ready::default().into())).await;
+            let (r, mut w) = s.into_split();
+            let mut r = wire::AsyncFrameReader::new(r);
+            let Ok(Some(wire::Frame {
+                body: Some(wire::frame::Body::Invoke(inv)),
+            })) = r.next().await
+            else {
+                panic!("expected an Invoke");
+            };
+            let line = "L".repeat(wire::MAX_FRAME - 4096);
+            for seq in 1..=LONG_LINES {
+                let log = wire::Log {
+                    seq,
+                    stream: wire::LogStream::Stderr as i32,
+                    line: line.clone(),
+                    invoke_id: inv.invoke_id.clone(),
+                    ..Default::default()
+                };
+                if w.write_all(&frame(log.into())).await.is_err() {
+                    return;
+                }
+            }
+            let result = wire::InvokeResult {
+                invoke_id: inv.invoke_id,
+                status: wire::InvokeStatus::FunctionError as i32,
+                error_type: "T".repeat(10_000),
+                error_message: "E".repeat(900_000),
+                payload: b"{}".to_vec(),
+                ..Default::default()
+            };
+            let _ = w.write_all(&frame(result.into())).await;
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
         "bad-pingflood" => {
@@ -331,5 +384,136 @@ async fn ping_flood_loses_its_link_and_sandbox_with_agent_memory_bounded() {
         (Some(1), Some(1)),
         "{bad}"
     );
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_limits_hold_on_the_host_when_the_probe_keeps_none() {
+    if !common::can_run() {
+        return;
+    }
+    let funcs = [
+        func("good", "cat", ""),
+        func("bad-longlines", "cat", "timeout_s = 5"),
+    ];
+    let a = start_with(&funcs, "boot_timeout_s = 2", |cfg| {
+        let real = host_agent::drivers::process::ProcessDriver::new(cfg).unwrap();
+        Arc::new(Mixed {
+            real: Arc::new(real),
+        })
+    })
+    .await;
+    let warm = a.invoke("good", "{}").await;
+    assert_eq!(warm.status, 200, "{warm:?}");
+
+    let before = common::vm_rss_bytes();
+    let ((r, took), peak) = peak_rss_during(async {
+        let t0 = Instant::now();
+        let r = a.invoke("bad-longlines", "{}").await;
+        (r, t0.elapsed())
+    })
+    .await;
+    assert!(took < Duration::from_secs(6), "took {took:?}: {r:?}");
+    let grew = peak.saturating_sub(before);
+    assert!(
+        grew < 64 << 20,
+        "agent memory grew by {} MiB holding 1 MiB log lines",
+        grew >> 20
+    );
+    // The error texts reach the client cut to the host's limits.
+    assert_eq!(
+        r.function_error.as_deref(),
+        Some("Unhandled"),
+        "{}",
+        r.status
+    );
+    let v = r.json();
+    let (ty, msg) = (
+        v["errorType"].as_str().unwrap(),
+        v["errorMessage"].as_str().unwrap(),
+    );
+    assert!(
+        ty.len() <= 256 && ty.starts_with("TTT"),
+        "errorType of {} bytes",
+        ty.len()
+    );
+    assert!(
+        msg.len() <= wire::MAX_LOG_LINE && msg.starts_with("EEE"),
+        "errorMessage of {} bytes",
+        msg.len()
+    );
+
+    // What the API serves about the sandbox is bounded too.
+    let list = a
+        .http
+        .get(format!("{}/v1/sandboxes", a.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        list.len() < 64 << 10,
+        "/v1/sandboxes is {} bytes",
+        list.len()
+    );
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let sb = v["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["function"] == "bad-longlines")
+        .expect("the sandbox is listed")
+        .clone();
+    assert!(
+        sb["probe"]["hostname"].as_str().unwrap().len() <= 256,
+        "hostname not cut"
+    );
+    let id = sb["id"].as_str().unwrap();
+    let detail = a
+        .http
+        .get(format!("{}/v1/sandboxes/{id}", a.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        detail.len() < 4 << 20,
+        "/v1/sandboxes/{id} is {} MiB",
+        detail.len() >> 20
+    );
+    let d: serde_json::Value = serde_json::from_str(&detail).unwrap();
+    let logs = d["logs"].as_array().unwrap();
+    assert!(!logs.is_empty());
+    for l in logs {
+        assert!(l["line"].as_str().unwrap().len() <= wire::MAX_LOG_LINE);
+        assert_eq!(l["truncated"], true);
+    }
+    assert!(
+        d["markers"].as_array().unwrap().len() <= 64,
+        "markers not capped"
+    );
+
+    // Counted; /v1/stats agrees with the client; the other function keeps serving.
+    let m = a.agent.metrics().to_json();
+    assert_eq!(m["log_lines_cut"], LONG_LINES, "{m}");
+    assert!(m["guest_fields_cut"].as_u64().unwrap() >= 4, "{m}");
+    let stats = a.get("/v1/stats").await;
+    let bad = stats["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "bad-longlines")
+        .unwrap();
+    assert_eq!(
+        (bad["invocations"].as_u64(), bad["errors"].as_u64()),
+        (Some(1), Some(1)),
+        "{bad}"
+    );
+    let r = a.invoke("good", "{}").await;
+    assert_eq!((r.status, r.cold), (200, false), "{r:?}");
     a.stop().await;
 }
