@@ -548,8 +548,14 @@ impl Agent {
         }
     }
 
-    /// End a sandbox and forget it.
+    /// End a sandbox and forget it. Once per sandbox: a second caller (the reaper finding
+    /// a sandbox dead that shutdown is already ending, say) waits until the first has
+    /// finished, so "ended" always means gone, and it is counted once.
     pub async fn destroy(&self, sb: &Arc<Sandbox>, reason: &str) {
+        sb.ended.get_or_init(|| self.end(sb, reason)).await;
+    }
+
+    async fn end(&self, sb: &Arc<Sandbox>, reason: &str) {
         self.sandboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -91,6 +91,9 @@ pub struct Sandbox {
     shells: AtomicUsize,
     /// Its OTLP resource attributes, built on first use and shared by its spans.
     pub otel_resource: std::sync::OnceLock<Arc<exporters::otlp::attrs::Attrs>>,
+    /// Set once the sandbox has been ended; whoever ends it first does the work, and
+    /// everyone else who asks (the reaper finding it dead, shutdown) waits for that.
+    pub ended: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -138,6 +141,7 @@ impl Sandbox {
             oom_seen: std::sync::atomic::AtomicU64::new(0),
             shells: AtomicUsize::new(0),
             otel_resource: std::sync::OnceLock::new(),
+            ended: tokio::sync::OnceCell::new(),
         }
     }
 

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{func, leftover_cgroups, start_with, TestAgent};
-use host_agent::drivers::{BoxFuture, Driver, DriverError, SandboxSpec, Spawned};
+use host_agent::drivers::{BoxFuture, Driver, DriverError, SandboxHandle, SandboxSpec, Spawned};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,79 @@ impl Driver for SlowSpawn {
         Box::pin(async move {
             let s = self.real.spawn(spec).await?;
             tokio::time::sleep(self.delay).await;
+            Ok(s)
+        })
+    }
+}
+
+/// The process driver with a slow teardown, as a VM's is (a guest given time to reset
+/// itself): noticing the sandbox's exit takes the full wait, and ending it 300 ms more.
+/// Like every driver's, its destroy is idempotent: a second call returns at once.
+struct SlowTeardown {
+    real: Arc<dyn Driver>,
+}
+
+struct SlowHandle {
+    inner: Box<dyn SandboxHandle>,
+    destroyed: AtomicBool,
+}
+
+impl SandboxHandle for SlowHandle {
+    fn pid(&self) -> Option<u32> {
+        self.inner.pid()
+    }
+    fn can_freeze(&self) -> bool {
+        false
+    }
+    fn freeze(&self) -> BoxFuture<'_, Result<Duration, DriverError>> {
+        self.inner.freeze()
+    }
+    fn thaw(&self) -> BoxFuture<'_, Result<Duration, DriverError>> {
+        self.inner.thaw()
+    }
+    fn usage(&self) -> host_agent::drivers::Usage {
+        self.inner.usage()
+    }
+    fn oom_kills(&self) -> u64 {
+        self.inner.oom_kills()
+    }
+    fn exited(&self) -> bool {
+        self.inner.exited()
+    }
+    fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            tokio::time::sleep(limit).await;
+            self.inner.exited()
+        })
+    }
+    fn diagnostics(&self) -> String {
+        self.inner.diagnostics()
+    }
+    fn destroy(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.destroyed.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.inner.destroy().await;
+        })
+    }
+}
+
+impl Driver for SlowTeardown {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+    fn describe(&self) -> String {
+        "process driver, slow teardown".into()
+    }
+    fn spawn<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Spawned, DriverError>> {
+        Box::pin(async move {
+            let mut s = self.real.spawn(spec).await?;
+            s.handle = Box::new(SlowHandle {
+                inner: s.handle,
+                destroyed: AtomicBool::new(false),
+            });
             Ok(s)
         })
     }
@@ -463,4 +536,38 @@ async fn console_flood_from_a_handler_keeps_agent_memory_bounded() {
         "{s}"
     );
     halt_leaving_nothing(&mut a, &[F, OK]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_sandbox_the_reaper_is_already_ending() {
+    if !common::can_run() {
+        return;
+    }
+    const F: &str = "rel-twice";
+    const TICK: &str = "rel-tick";
+    for f in [F, TICK] {
+        common::clear_stale_cgroups(f);
+    }
+    // TICK is never invoked: its short keep-alive makes the reaper run every 25 ms.
+    let mut a = start_with(
+        &[
+            func(F, "cat", ""),
+            func(TICK, "cat", "[functions.pool]\nkeep_alive_s = 0.1"),
+        ],
+        "",
+        |cfg| {
+            Arc::new(SlowTeardown {
+                real: process_driver(cfg),
+            })
+        },
+    )
+    .await;
+    let r = a.invoke(F, "{}").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // Shutdown asks the probe to end; its link closes; the reaper finds the idle sandbox
+    // dead and ends it too. Whoever ends it, shutdown returns only once it is gone, and
+    // it is ended (and counted) once.
+    halt_leaving_nothing(&mut a, &[F, TICK]).await;
+    let m = a.agent.metrics().to_json();
+    assert_eq!(m["sandboxes_ended"], 1, "{m}");
 }
