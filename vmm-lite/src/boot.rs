@@ -335,6 +335,17 @@ fn inspect_image(path: &Path, d: &[u8], file_len: u64) -> Result<ImageInfo> {
             ));
         }
         let payload = file_len - setup_size;
+        // syssize (boot protocol 2.04+): the protected-mode kernel's size in 16-byte units.
+        // A file shorter than that would boot into zeroed memory and triple-fault.
+        let syssize = u32_at(d, 0x1f4).map_or(0, |p| u64::from(p) * 16);
+        if payload < syssize {
+            return Err(corrupt(
+                path,
+                &format!(
+                    "bzImage is truncated (the header promises a {syssize}-byte protected-mode kernel, the file holds {payload} bytes of it)"
+                ),
+            ));
+        }
         let init_size = u32_at(d, 0x260).map(u64::from).unwrap_or(0);
         let kver = u16_at(d, 0x20e).unwrap_or(0);
         // A standard kernel points kernel_version at a "X.Y.Z ..." string in the setup code.

@@ -61,6 +61,16 @@ fn truncated_images_are_corrupt() {
     let (code, err) = vmm(&["--kernel", cut.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("bzImage is truncated"), "{err}");
+    // Cut inside the protected-mode kernel: the header's syssize says how much is missing
+    // (this booted into zeroed memory and ended with status 0 before).
+    let cut = d.join("cut-payload.bz");
+    std::fs::write(&cut, &bytes[..bytes.len() - 16]).unwrap();
+    let (code, err) = vmm(&["--kernel", cut.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("bzImage is truncated (the header promises"),
+        "{err}"
+    );
 }
 
 #[test]
