@@ -5,8 +5,9 @@
 //! at most a given number of lines and [`MAX_BYTES`] in all, oldest dropped first.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest console line kept, in bytes; the rest of a longer line is cut and counted.
@@ -26,6 +27,10 @@ pub static BYTES_CUT: AtomicU64 = AtomicU64::new(0);
 pub struct Console {
     max_lines: usize,
     ring: Mutex<Ring>,
+    /// Readers ([`keep_lines`]) not yet at the end of their stream.
+    readers: AtomicUsize,
+    /// Signalled when a reader reaches its end.
+    reader_done: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +45,25 @@ impl Console {
         Self {
             max_lines: max_lines.max(1),
             ring: Mutex::default(),
+            readers: AtomicUsize::new(0),
+            reader_done: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Waits, at most `limit`, until every stream feeding this console has ended (its
+    /// writers exited) and all it carried is kept.
+    pub async fn drained(&self, limit: Duration) {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let done = self.reader_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.readers.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(until, done).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -83,6 +107,7 @@ pub fn keep_lines(
     id: String,
     prefix: String,
 ) {
+    console.readers.fetch_add(1, Ordering::AcqRel);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 8192];
         let mut line = Vec::with_capacity(256);
@@ -105,6 +130,8 @@ pub fn keep_lines(
         if !line.is_empty() || cut > 0 {
             console.push(&id, &prefix, &line, cut);
         }
+        console.readers.fetch_sub(1, Ordering::AcqRel);
+        console.reader_done.notify_waiters();
     });
 }
 
@@ -131,6 +158,23 @@ mod tests {
             tokio::task::yield_now().await;
         }
         Arc::try_unwrap(c).unwrap()
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_the_last_words_of_an_exited_writer_and_is_bounded() {
+        let c = Arc::new(Console::new(10));
+        let (mut w, r) = tokio::io::duplex(1024);
+        keep_lines(Box::new(r), c.clone(), "sb".into(), String::new());
+        // A writer still open: drained gives up at its limit.
+        let t0 = std::time::Instant::now();
+        c.drained(Duration::from_millis(50)).await;
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        // It writes its last line and exits: drained returns once the line is kept.
+        w.write_all(b"error: bzImage is truncated\n").await.unwrap();
+        drop(w);
+        c.drained(Duration::from_secs(5)).await;
+        assert_eq!(c.text(), "error: bzImage is truncated");
+        assert_eq!(c.readers.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]

@@ -340,13 +340,17 @@ impl VmProcs {
         self.main_exited.load(Ordering::Acquire)
     }
 
-    /// Wait for the main process to exit, at most `limit`.
+    /// Wait for the main process to exit, at most `limit`; once it has, also for what it
+    /// wrote to reach the console (bounded), so a VMM that died at once is explained by
+    /// its own last words rather than by an empty console.
     pub fn wait_exited(&self, limit: Duration) -> BoxFuture<'_, bool> {
-        Box::pin(super::wait_flag(
-            &self.main_exited,
-            &self.exit_notify,
-            limit,
-        ))
+        Box::pin(async move {
+            let exited = super::wait_flag(&self.main_exited, &self.exit_notify, limit).await;
+            if exited {
+                self.console.drained(Duration::from_millis(500)).await;
+            }
+            exited
+        })
     }
 
     /// The console ring as text.
