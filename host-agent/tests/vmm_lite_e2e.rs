@@ -285,6 +285,31 @@ async fn broken_and_silent_guests_fail_within_the_boot_timeout_and_the_agent_kee
     assert_eq!(ok.status, 200, "{ok:?}");
     a.stop().await;
 
+    // A kernel vmm-lite cannot boot (a bzImage cut short after its header, which the agent's
+    // own check accepts): vmm-lite refuses it, and the sandbox fails at once with its words.
+    let tmp = tempfile::tempdir().unwrap();
+    let bz = guest_image::kernel::cached(&guest_image::cache_dir())
+        .unwrap()
+        .expect("guest kernel")
+        .bzimage;
+    let cut = tmp.path().join("bzImage-cut");
+    std::fs::write(&cut, &std::fs::read(&bz).unwrap()[..64 << 10]).unwrap();
+    let a = start_auto(
+        &[func("ok", "cat >/dev/null; echo '{}'", "")],
+        &format!("boot_timeout_s = 60\nkernel = \"{}\"", cut.display()),
+    )
+    .await;
+    let t0 = Instant::now();
+    let r = a.invoke("ok", "{}").await;
+    assert!(r.status >= 500, "{r:?}");
+    assert!(
+        r.body.contains("exited before its probe connected") && r.body.contains("truncated"),
+        "{}",
+        r.body
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    a.stop().await;
+
     // A guest whose probe never connects in time: the boot timeout ends it, no VMM is left.
     let a = start_auto(&[func("slow", "cat", "")], "boot_timeout_s = 0.5").await;
     let t0 = Instant::now();
