@@ -227,15 +227,60 @@ pub fn inspect_kernel(path: &Path) -> Result<ImageInfo> {
     };
     let mut f = File::open(path).map_err(rd)?;
     let len = f.metadata().map_err(rd)?.len();
-    let mut head = Vec::with_capacity(64 * 1024);
+    let mut head = Vec::with_capacity(HEAD_BYTES as usize);
     (&mut f)
-        .take(64 * 1024)
+        .take(HEAD_BYTES)
         .read_to_end(&mut head)
         .map_err(rd)?;
-    if head.starts_with(b"\x7fELF") && len > head.len() as u64 {
-        f.read_to_end(&mut head).map_err(rd)?;
+    let mut banner = None;
+    if head.starts_with(b"\x7fELF") {
+        // Program headers past the head (unusual): read up to their end, bounded.
+        if let (Some(phoff), Some(phnum)) = (u64_at(&head, 0x20), u16_at(&head, 0x38)) {
+            let end = phoff
+                .saturating_add(u64::from(phnum) * 56)
+                .min(len)
+                .min(MAX_ELF_HEADERS);
+            if end > head.len() as u64 {
+                (&mut f)
+                    .take(end - head.len() as u64)
+                    .read_to_end(&mut head)
+                    .map_err(rd)?;
+            }
+        }
+        f.rewind().map_err(rd)?;
+        banner = Some(stream_contains(&mut f, b"Linux version ").map_err(rd)?);
     }
-    inspect_image(path, &head, len)
+    inspect_image(path, &head, len, banner)
+}
+
+/// How much of a kernel file is read to judge it (a bzImage's setup header and version
+/// string, an ELF's headers). The rest is never held in memory: a VMM that read a 17 MB
+/// vmlinux into a buffer kept megabytes of freed heap resident for its whole life.
+const HEAD_BYTES: u64 = 64 * 1024;
+/// Bound on an ELF's header bytes read for [`inspect_kernel`].
+const MAX_ELF_HEADERS: u64 = 1 << 20;
+
+/// Whether `needle` occurs in what `r` yields, read in fixed chunks.
+fn stream_contains(r: &mut impl Read, needle: &[u8]) -> std::io::Result<bool> {
+    let keep = needle.len().saturating_sub(1);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut have = 0usize;
+    loop {
+        let n = match r.read(&mut buf[have..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        have += n;
+        if contains(&buf[..have], needle) {
+            return Ok(true);
+        }
+        // Carry the tail that could start a match across the chunk boundary.
+        let tail = have.min(keep);
+        buf.copy_within(have - tail..have, 0);
+        have = tail;
+    }
 }
 
 fn u16_at(d: &[u8], off: usize) -> Option<u16> {
@@ -265,11 +310,12 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// Like [`inspect_kernel`] on bytes already read.
 pub fn inspect_kernel_bytes(path: &Path, d: &[u8]) -> Result<ImageInfo> {
-    inspect_image(path, d, d.len() as u64)
+    inspect_image(path, d, d.len() as u64, None)
 }
 
-/// `d` holds the start of the file (all of it for an ELF); `file_len` is its full length.
-fn inspect_image(path: &Path, d: &[u8], file_len: u64) -> Result<ImageInfo> {
+/// `d` holds the start of the file (with an ELF's program headers); `file_len` is its full
+/// length; `banner` whether the whole file holds Linux's banner (searched in `d` if None).
+fn inspect_image(path: &Path, d: &[u8], file_len: u64, banner: Option<bool>) -> Result<ImageInfo> {
     if d.is_empty() {
         return Err(corrupt(path, "the file is empty"));
     }
@@ -299,10 +345,7 @@ fn inspect_image(path: &Path, d: &[u8], file_len: u64) -> Result<ImageInfo> {
             if p_filesz == 0 {
                 continue;
             }
-            if p_offset
-                .checked_add(p_filesz)
-                .is_none_or(|e| e > d.len() as u64)
-            {
+            if p_offset.checked_add(p_filesz).is_none_or(|e| e > file_len) {
                 return Err(corrupt(
                     path,
                     "an ELF segment extends past the end of the file",
@@ -319,7 +362,7 @@ fn inspect_image(path: &Path, d: &[u8], file_len: u64) -> Result<ImageInfo> {
         }
         Ok(ImageInfo {
             format: ImageFormat::Elf,
-            is_linux: contains(d, b"Linux version "),
+            is_linux: banner.unwrap_or_else(|| contains(d, b"Linux version ")),
             needs_up_to: needs,
         })
     } else if u32_at(d, 0x202) == Some(KERNEL_HDR_MAGIC) {
@@ -512,11 +555,11 @@ fn load_initrd(
             })
         }
     };
-    let mut data = Vec::with_capacity(size as usize);
-    f.read_to_end(&mut data).map_err(rd)?;
-    mem.write_slice(&data, GuestAddress(addr))
+    // Straight from the file into guest memory: no buffer of the initrd's size (which, once
+    // freed, glibc would keep resident in the VMM's heap).
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .map_err(write_err("initrd"))?;
-    Ok((addr, data.len() as u64))
+    Ok((addr, size))
 }
 
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
@@ -682,6 +725,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_banner_is_found_across_read_chunks_without_reading_the_file_whole() {
+        let needle = b"Linux version ";
+        for at in [
+            0usize,
+            100,
+            256 * 1024 - 5,
+            256 * 1024 - 1,
+            256 * 1024,
+            600_000,
+        ] {
+            let mut data = vec![0u8; 700_000];
+            data[at..at + needle.len()].copy_from_slice(needle);
+            let found = stream_contains(&mut std::io::Cursor::new(&data), needle).unwrap();
+            assert!(found, "banner at {at}");
+        }
+        let data = vec![b'L'; 700_000];
+        assert!(!stream_contains(&mut std::io::Cursor::new(&data), needle).unwrap());
+    }
+
+    #[test]
     fn rejects_garbage_and_empty() {
         let p = Path::new("k");
         assert!(matches!(
@@ -716,6 +779,28 @@ mod tests {
         ph[32..40].copy_from_slice(&16u64.to_le_bytes()); // p_filesz
         ph[40..48].copy_from_slice(&memsz.to_le_bytes()); // p_memsz
         e
+    }
+
+    #[test]
+    fn an_elf_bigger_than_the_head_read_is_judged_from_the_file() {
+        // A vmlinux is megabytes: only its head is read, the banner is streamed, and
+        // segments are checked against the file's length (not the head's).
+        let dir = std::env::temp_dir().join(format!("vmm-lite-bigelf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut e = tiny_elf(1 << 20);
+        let filesz: u64 = 300 * 1024;
+        e[64 + 32..64 + 40].copy_from_slice(&filesz.to_le_bytes());
+        e.resize(120 + filesz as usize, 0);
+        let at = e.len() - 1000;
+        e[at..at + 14].copy_from_slice(b"Linux version ");
+        let k = dir.join("vmlinux");
+        std::fs::write(&k, &e).unwrap();
+        let info = inspect_kernel(&k).unwrap();
+        assert!(info.is_linux, "the banner past the head was found");
+        std::fs::write(&k, &e[..e.len() - 1]).unwrap();
+        let err = inspect_kernel(&k).unwrap_err().to_string();
+        assert!(err.contains("extends past the end of the file"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
