@@ -1,6 +1,6 @@
 //! L1's initramfs: static busybox, the L1 kernel's modules and an `/init` that loads them,
 //! brings up loopback, mounts the host's root read-only over 9p at `/newroot` with L1's own proc, sys, dev,
-//! devpts, cgroup2 and a tmpfs `/run` and `/tmp`, copies the run's script to
+//! devpts, cgroup2 and a tmpfs `/run`, copies the run's script to
 //! `/run/l1/run.sh` and runs it chrooted, then prints the exit marker and powers off.
 //!
 //! The base archive is cached beside the kernel; each run appends a small second archive
@@ -42,7 +42,6 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mkdir -p /newroot/run/l1
 cp /run.sh /newroot/run/l1/run.sh
 chroot /newroot /bin/sh /run/l1/run.sh </dev/null >/dev/console 2>&1

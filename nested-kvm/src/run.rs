@@ -92,7 +92,8 @@ impl Run {
     }
 
     /// Mounts a fresh tmpfs over `dir` in L1 (created on the host if missing, so that it
-    /// exists in the read-only share). `/run` and `/tmp` are always writable.
+    /// exists in the read-only share). `/run` is always writable, and so is `/tmp` or,
+    /// when the run needs the host's `/tmp` (a checkout there), `$TMPDIR`.
     pub fn writable(mut self, dir: impl AsRef<Path>) -> Self {
         self.writable.push(dir.as_ref().to_path_buf());
         self
@@ -125,6 +126,16 @@ impl Run {
     /// The shell script L1 runs chrooted into the host's root.
     pub fn script(&self) -> String {
         let mut s = String::from("#!/bin/sh\n# written by nested-kvm\n");
+        // A fresh /tmp, unless something this run needs lives under the host's /tmp (a
+        // checkout there, say): then /tmp stays the host's, read-only, and TMPDIR points
+        // to a tmpfs instead.
+        if self.needs_host_tmp() {
+            s.push_str(
+                "mkdir -p /run/l1/tmp && chmod 1777 /run/l1/tmp && export TMPDIR=/run/l1/tmp\n",
+            );
+        } else {
+            s.push_str("mount -t tmpfs -o mode=1777 tmpfs /tmp || { echo \"nested-kvm: cannot mount tmpfs on /tmp\"; exit 125; }\n");
+        }
         for d in &self.writable {
             let q = shell_quote(&d.to_string_lossy());
             s.push_str(&format!(
@@ -159,6 +170,19 @@ impl Run {
         }
         s.push('\n');
         s
+    }
+
+    /// Whether the program, the working directory, a writable directory or a path in the
+    /// environment lies under `/tmp`.
+    fn needs_host_tmp(&self) -> bool {
+        let under = |p: &str| p == "/tmp" || p.starts_with("/tmp/");
+        under(&self.program.to_string_lossy())
+            || self
+                .cwd
+                .as_deref()
+                .is_some_and(|c| under(&c.to_string_lossy()))
+            || self.writable.iter().any(|w| under(&w.to_string_lossy()))
+            || self.env.iter().any(|(_, v)| v.split(':').any(under))
     }
 
     /// Boots L1, runs the command and waits for it. An `Err` means no exit status came
@@ -332,5 +356,22 @@ mod tests {
         assert!(s.contains("export PATH="), "{s}");
         assert!(s.contains("cd '/w d' ||"), "{s}");
         assert!(s.ends_with("exec /t/bin 'a b' 'it'\\''s'\n"), "{s}");
+        assert!(s.contains("tmpfs /tmp ||"), "{s}");
+        assert!(!s.contains("TMPDIR"), "{s}");
+    }
+
+    #[test]
+    fn a_run_from_under_tmp_keeps_the_hosts_tmp_and_gets_a_tmpdir() {
+        for r in [
+            Run::new("/tmp/ci/target/debug/deps/t"),
+            Run::new("/t").cwd("/tmp/ci"),
+            Run::new("/t").writable("/tmp/ci/target/tmp"),
+            Run::new("/t").env("SANDSCOPE_PROBE", "/tmp/ci/target/probe"),
+        ] {
+            let s = r.script();
+            assert!(!s.contains("tmpfs /tmp ||"), "{s}");
+            assert!(s.contains("export TMPDIR=/run/l1/tmp"), "{s}");
+        }
+        assert!(!Run::new("/t").env("X", "/tmpfoo").needs_host_tmp());
     }
 }
