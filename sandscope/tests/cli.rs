@@ -71,6 +71,52 @@ fn demo_json_reports_cold_and_warm_and_the_probe_view() {
     );
 }
 
+/// The demo's example functions in Linux microVMs under vmm-lite, which `auto` picks where
+/// KVM is hardware virtualization: here, inside a nested L1 (crate nested-kvm).
+#[test]
+fn the_demo_runs_the_example_functions_on_vmm_lite_under_nested_kvm() {
+    if !root()
+        || !nested_kvm::test_here_or_in_l1(
+            "the_demo_runs_the_example_functions_on_vmm_lite_under_nested_kvm",
+            2048,
+            std::time::Duration::from_secs(480),
+        )
+    {
+        return;
+    }
+    let out = bin()
+        .args(["demo", "--json", "--warm", "10", "--burst", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(v["driver"], "vmm-lite", "{}", v["driver_reason"]);
+    let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let probe = &v["probe"]["probe"];
+    assert_ne!(probe["boot_id"], host_boot.trim(), "a guest kernel of its own: {v}");
+    assert_eq!(probe["probe_pid"], 1, "{v}");
+    assert_eq!(probe["hypervisor"], "KVMKVMKVM", "{v}");
+    let fns = v["functions"].as_array().unwrap();
+    assert_eq!(fns.len(), 2, "{v}");
+    for f in fns {
+        assert!(f["coldstarts"].as_u64().unwrap() >= 1, "{f}");
+        assert!(f["warm"]["count"].as_u64().unwrap() >= 10, "{f}");
+        assert_eq!(f["errors"], 0, "{f}");
+        for phase in ["spawn", "vmm_setup", "kernel", "probe_init"] {
+            assert!(
+                f["phases"][phase]["count"].as_u64().unwrap_or(0) >= 1,
+                "{phase}: {f}"
+            );
+        }
+    }
+    assert!(
+        v["workload"]["failures"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
+}
+
 #[test]
 fn demo_text_report_names_driver_phases_and_packing() {
     if !root() {
