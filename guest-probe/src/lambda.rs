@@ -243,11 +243,22 @@ impl Lambda {
         }
     }
 
+    /// Resolves when the runtime exits between invokes, saying how. Cancel-safe; not to
+    /// be awaited again once it has resolved.
+    pub async fn exited(&mut self) -> String {
+        match (&mut self.exit).await {
+            Ok(e) => format!("runtime {}", e.describe()),
+            Err(_) => "runtime ended".into(),
+        }
+    }
+
     /// Run one invoke. Returns the runtime if it can take more invokes.
     pub async fn invoke(mut self, inv: Invoke) -> (Option<Lambda>, InvokeResult) {
         let start = Instant::now();
         let id = inv.invoke_id.clone();
         let mut r = handler::result(&id, InvokeStatus::RuntimeError);
+        // An exit the reaper has not collected yet counts as before this invoke.
+        self.ctx.reaper.reap_now();
         if let Ok(e) = self.exit.try_recv() {
             r.error_type = "Runtime.ExitError".into();
             r.error_message = format!("runtime {} before this invoke", e.describe());

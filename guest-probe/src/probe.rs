@@ -49,13 +49,17 @@ pub struct Boot {
     pub uptime_at_init_us: u64,
 }
 
-/// How the agent asked the probe to end.
+/// Why the probe stopped serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
     /// Shutdown frame or SIGTERM: exit 0.
     Clean,
     /// The link ended without a Shutdown (a VM init reconnects; a process exits 0).
     LinkLost,
+    /// The persistent or Lambda runtime exited between invokes: the sandbox can serve no
+    /// more, and ending it closes the link, which tells the agent at once (its pool
+    /// drops the sandbox instead of handing it the next invoke). Exit 0.
+    RuntimeExited,
 }
 
 /// How long to keep trying to reach the agent (a VM may boot before its host-side
@@ -291,6 +295,10 @@ pub async fn serve(boot: Boot, reaper: Reaper) -> Result<Ending, ProbeError> {
                     _ => {}
                 }
             }
+            why = idle_runtime_exit(&mut slot) => {
+                eprintln!("guest-probe: {why} between invokes; ending the sandbox");
+                break (0, Ending::RuntimeExited);
+            }
             _ = sigterm.recv() => break (SIGNAL_GRACE_MS, Ending::Clean),
             _ = sigint.recv() => break (SIGNAL_GRACE_MS, Ending::Clean),
         }
@@ -302,6 +310,16 @@ pub async fn serve(boot: Boot, reaper: Reaper) -> Result<Ending, ProbeError> {
     shutdown_handlers(&ctx, grace).await;
     outbox.flush(Duration::from_secs(1)).await;
     Ok(ending)
+}
+
+/// Resolves when the runtime in `slot` exits while no invoke has it (a lent runtime's
+/// exit is the invoke's to report).
+async fn idle_runtime_exit(slot: &mut Slot) -> String {
+    match slot {
+        Slot::Persistent(p) => p.exited().await,
+        Slot::Lambda(l) => l.exited().await,
+        _ => std::future::pending().await,
+    }
 }
 
 /// Grace given to handlers when the probe itself gets SIGTERM/SIGINT.

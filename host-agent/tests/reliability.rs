@@ -571,3 +571,59 @@ async fn shutdown_waits_for_a_sandbox_the_reaper_is_already_ending() {
     let m = a.agent.metrics().to_json();
     assert_eq!(m["sandboxes_ended"], 1, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_that_exits_while_idle_is_not_handed_the_next_invocation() {
+    if !common::can_run() {
+        return;
+    }
+    const F: &str = "rel-idle-exit";
+    common::clear_stale_cgroups(F);
+    // A persistent runtime that answers once, then exits 1 while its sandbox is idle.
+    let mut a = common::start(
+        &[func(
+            F,
+            "echo ready; read l; echo '{\"once\":true}'; exit 1",
+            "kind = \"persistent\"",
+        )],
+        "",
+    )
+    .await;
+    let first = a.invoke(F, "{}").await;
+    assert_eq!(
+        (first.status, first.body.as_str()),
+        (200, "{\"once\":true}")
+    );
+    // The pool notices the exit by itself: the dead sandbox leaves the list.
+    let gone = first.sandbox.clone();
+    let ar = &a;
+    until(
+        Duration::from_secs(5),
+        "the dead runtime's sandbox leaves the pool",
+        || {
+            let gone = gone.clone();
+            async move {
+                let ids = ar.live_ids().await;
+                if ids.contains(&gone) {
+                    Err(format!("still listed: {ids:?}"))
+                } else {
+                    Ok(())
+                }
+            }
+        },
+    )
+    .await;
+    // The next invocation gets a healthy sandbox, not "runtime exited before this invoke".
+    let next = a.invoke(F, "{}").await;
+    assert_eq!(
+        (
+            next.status,
+            next.function_error.as_deref(),
+            next.body.as_str()
+        ),
+        (200, None, "{\"once\":true}"),
+        "{next:?}"
+    );
+    assert!(next.cold && next.sandbox != gone, "{next:?}");
+    halt_leaving_nothing(&mut a, &[F]).await;
+}
