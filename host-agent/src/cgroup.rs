@@ -110,8 +110,27 @@ impl Cgroups {
         }
     }
 
-    /// Create the cgroup(s) for sandbox `id` with `limits`.
+    /// Create the cgroup(s) for sandbox `id` with `limits`. On failure, none of them is
+    /// left behind.
     pub fn create(&self, id: &str, limits: Limits) -> Result<SandboxCgroup, CgroupError> {
+        let mut made = Vec::new();
+        let r = self.create_in(id, limits, &mut made);
+        if r.is_err() {
+            // Fresh and never joined: empty, so rmdir (which needs no open file, unlike the
+            // write that may just have failed for want of one) removes them at once.
+            for d in made.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+        r
+    }
+
+    fn create_in(
+        &self,
+        id: &str,
+        limits: Limits,
+        made: &mut Vec<PathBuf>,
+    ) -> Result<SandboxCgroup, CgroupError> {
         let cg = match &self.hier {
             Hierarchy::V1 {
                 memory,
@@ -119,12 +138,12 @@ impl Cgroups {
                 freezer,
                 pids,
             } => {
-                let mem = mkdirs(memory, &self.group, id)?;
-                let cpu = mkdirs(cpu, &self.group, id)?;
-                let frz = mkdirs(freezer, &self.group, id)?;
+                let mem = mkdirs(memory, &self.group, id, made)?;
+                let cpu = mkdirs(cpu, &self.group, id, made)?;
+                let frz = mkdirs(freezer, &self.group, id, made)?;
                 let pids = pids
                     .as_ref()
-                    .map(|p| mkdirs(p, &self.group, id))
+                    .map(|p| mkdirs(p, &self.group, id, &mut *made))
                     .transpose()?;
                 let mut dirs = vec![mem.clone(), cpu.clone(), frz.clone()];
                 dirs.extend(pids.clone());
@@ -174,7 +193,7 @@ impl Cgroups {
                 for c in ["+memory", "+cpu", "+pids"] {
                     let _ = write_file(&parent.join("cgroup.subtree_control"), c);
                 }
-                let dir = mkdirs(root, &self.group, id)?;
+                let dir = mkdirs(root, &self.group, id, made)?;
                 let cg = SandboxCgroup {
                     v2: true,
                     dirs: vec![dir.clone()],
@@ -206,12 +225,19 @@ fn cpu_quota(cpus: f64) -> u64 {
     ((cpus * CFS_PERIOD_US as f64).round() as u64).max(1000)
 }
 
-fn mkdirs(mount: &Path, group: &str, id: &str) -> Result<PathBuf, CgroupError> {
+/// Make `<mount>/<group>/<id>`, noting it in `made` (the group dir is shared and stays).
+fn mkdirs(
+    mount: &Path,
+    group: &str,
+    id: &str,
+    made: &mut Vec<PathBuf>,
+) -> Result<PathBuf, CgroupError> {
     let dir = mount.join(group).join(id);
     std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Create {
         path: dir.clone(),
         source,
     })?;
+    made.push(dir.clone());
     Ok(dir)
 }
 

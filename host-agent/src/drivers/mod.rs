@@ -286,6 +286,28 @@ pub async fn wait_flag(
     exited.load(Ordering::Acquire)
 }
 
+/// Remove a sandbox's state directory. Removing a tree needs open files, and an agent
+/// short of them (the very reason a start may have failed) gets EMFILE: such errors are
+/// retried for a few seconds, with a back-off, while sandboxes ending free theirs.
+pub async fn remove_state_dir(dir: &Path) {
+    let mut pause = Duration::from_millis(1);
+    let t0 = Instant::now();
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if t0.elapsed() >= Duration::from_secs(5) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "sandbox state dir left behind");
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 /// Read a child's stdout and stderr into `console` (bounded: see [`console`]), each
 /// line prefixed with `prefix`, and log them at debug level for sandbox `id`.
 pub fn keep_output(

@@ -80,36 +80,47 @@ impl Driver for ProcessDriver {
     }
 
     fn spawn<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Spawned, DriverError>> {
-        Box::pin(async move { self.spawn_inner(spec) })
+        Box::pin(async move {
+            let dir = self.state_dir.join(&spec.id);
+            let mut cg = None;
+            let r = self.spawn_inner(spec, &dir, &mut cg);
+            if r.is_err() {
+                // Whatever step failed (often for want of an open file), nothing of the
+                // start stays: a probe already spawned was killed when its Child dropped,
+                // so its cgroup empties.
+                if let Some(cg) = cg {
+                    cg.remove().await;
+                }
+                super::remove_state_dir(&dir).await;
+            }
+            r
+        })
     }
 }
 
 impl ProcessDriver {
-    fn spawn_inner(&self, spec: &SandboxSpec) -> Result<Spawned, DriverError> {
+    /// Start the sandbox; its cgroup goes into `cg_slot` as soon as it exists, so the
+    /// caller can remove it and `dir` if this fails.
+    fn spawn_inner(
+        &self,
+        spec: &SandboxSpec,
+        dir: &std::path::Path,
+        cg_slot: &mut Option<SandboxCgroup>,
+    ) -> Result<Spawned, DriverError> {
         let f = &spec.function;
-        let dir = self.state_dir.join(&spec.id);
         let root = dir.join("root");
         std::fs::create_dir_all(&root).map_err(|source| DriverError::StateDir {
             path: root.clone(),
             source,
         })?;
-        let cg = self.cgroups.create(
+        let cg = cg_slot.insert(self.cgroups.create(
             &spec.id,
             Limits {
                 memory_bytes: f.memory_bytes(),
                 cpus: f.cpus,
                 pids: PIDS_MAX,
             },
-        )?;
-        let cleanup_on_err = |e: DriverError| {
-            let _ = std::fs::remove_dir_all(&dir);
-            for p in cg.procs_files() {
-                if let Some(d) = p.parent() {
-                    let _ = std::fs::remove_dir(d);
-                }
-            }
-            e
-        };
+        )?);
         let procs: Vec<std::fs::File> = cg
             .procs_files()
             .iter()
@@ -118,14 +129,12 @@ impl ProcessDriver {
             .map_err(|source| DriverError::Spawn {
                 what: "opening cgroup.procs".into(),
                 source,
-            })
-            .map_err(cleanup_on_err)?;
-        let (agent_end, probe_end) = std::os::unix::net::UnixStream::pair()
-            .map_err(|source| DriverError::Spawn {
+            })?;
+        let (agent_end, probe_end) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| DriverError::Spawn {
                 what: "socketpair".into(),
                 source,
-            })
-            .map_err(cleanup_on_err)?;
+            })?;
 
         let mut cmd = tokio::process::Command::new(&self.probe);
         cmd.arg("--sandbox-id")
@@ -185,13 +194,10 @@ impl ProcessDriver {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| DriverError::Spawn {
-                what: format!("sandbox probe {}", self.probe.display()),
-                source,
-            })
-            .map_err(cleanup_on_err)?;
+        let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
+            what: format!("sandbox probe {}", self.probe.display()),
+            source,
+        })?;
         let running_at = Instant::now();
         drop(probe_end);
         drop(procs);
@@ -226,8 +232,8 @@ impl ProcessDriver {
             running_at,
             handle: Box::new(ProcSandbox {
                 pid,
-                cg,
-                dir,
+                cg: cg_slot.take().expect("created above"),
+                dir: dir.to_path_buf(),
                 state,
                 destroyed: AtomicBool::new(false),
             }),
@@ -316,7 +322,7 @@ impl SandboxHandle for ProcSandbox {
             }
             self.wait_exited(Duration::from_secs(5)).await;
             self.cg.remove().await;
-            let _ = std::fs::remove_dir_all(&self.dir);
+            super::remove_state_dir(&self.dir).await;
         })
     }
 }

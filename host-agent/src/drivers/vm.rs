@@ -185,11 +185,14 @@ impl VmDir {
         std::fs::create_dir_all(&dir).map_err(se)?;
         let uds = dir.join("v.sock");
         let port_path = PathBuf::from(format!("{}_{PROBE_PORT}", uds.display()));
-        let listener =
-            tokio::net::UnixListener::bind(&port_path).map_err(|source| DriverError::Spawn {
+        let listener = tokio::net::UnixListener::bind(&port_path).map_err(|source| {
+            // Still empty: rmdir needs no open file (bind may have failed for want of one).
+            let _ = std::fs::remove_dir(&dir);
+            DriverError::Spawn {
                 what: format!("listening for the guest probe at {}", port_path.display()),
                 source,
-            })?;
+            }
+        })?;
         Ok(Self { dir, uds, listener })
     }
 }
@@ -406,7 +409,7 @@ impl VmProcs {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        super::remove_state_dir(&self.dir).await;
     }
 }
 
