@@ -146,6 +146,8 @@ pub struct Agent {
     alerts: Arc<crate::alerts::Engine>,
     sessions: Arc<crate::shell::Sessions>,
     ssh: std::sync::OnceLock<crate::ssh::SshInfo>,
+    /// Held for the agent's life: tells a later agent whether this one is still alive.
+    _state_lock: Option<crate::leftovers::StateLock>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -248,6 +250,9 @@ impl Agent {
             logs.subscribe(),
             otlp.as_ref().and_then(|o| o.logs.clone()),
         )?;
+        // Before any sandbox of ours exists: what is under the state dir now is a dead
+        // agent's.
+        let state_lock = crate::leftovers::lock_and_sweep(&cfg.state_dir, metrics.clone());
         let agent = Arc::new(Agent {
             cfg,
             driver,
@@ -268,6 +273,7 @@ impl Agent {
             alerts,
             sessions: Arc::default(),
             ssh: std::sync::OnceLock::new(),
+            _state_lock: state_lock,
         });
         agent.clone().spawn_reaper();
         if let Some(o) = &agent.otlp {

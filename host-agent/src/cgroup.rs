@@ -110,6 +110,43 @@ impl Cgroups {
         }
     }
 
+    /// The cgroup(s) of sandbox `id` that exist now (left by an agent that died), if any.
+    pub fn existing(&self, id: &str) -> Option<SandboxCgroup> {
+        let at = |mount: &Path| mount.join(&self.group).join(id);
+        let cg = match &self.hier {
+            Hierarchy::V1 {
+                memory,
+                cpu,
+                freezer,
+                pids,
+            } => {
+                let pids = pids.as_deref().map(at);
+                let mut dirs = vec![at(memory), at(cpu), at(freezer)];
+                dirs.extend(pids.clone());
+                SandboxCgroup {
+                    v2: false,
+                    memory: at(memory),
+                    cpu: at(cpu),
+                    freezer: at(freezer),
+                    pids,
+                    dirs,
+                }
+            }
+            Hierarchy::V2 { root } => {
+                let dir = at(root);
+                SandboxCgroup {
+                    v2: true,
+                    dirs: vec![dir.clone()],
+                    memory: dir.clone(),
+                    cpu: dir.clone(),
+                    freezer: dir.clone(),
+                    pids: Some(dir),
+                }
+            }
+        };
+        cg.dirs.iter().any(|d| d.is_dir()).then_some(cg)
+    }
+
     /// Create the cgroup(s) for sandbox `id` with `limits`. On failure, none of them is
     /// left behind.
     pub fn create(&self, id: &str, limits: Limits) -> Result<SandboxCgroup, CgroupError> {

@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod config;
 pub mod drivers;
 pub mod guest_limits;
+pub mod leftovers;
 pub mod link;
 pub mod metrics;
 pub mod pool;

@@ -30,6 +30,11 @@ pub struct AgentMetrics {
     pub sandboxes_started: AtomicU64,
     /// Sandboxes ended (reaped, replaced, died).
     pub sandboxes_ended: AtomicU64,
+    /// Sandboxes an earlier agent on this state directory left when it died, swept at
+    /// start (`leftovers`).
+    pub leftovers_swept: AtomicU64,
+    /// 1 once that sweep has finished.
+    pub leftover_sweep_done: AtomicU64,
     /// Rate limit for link error logging.
     pub link_error_log: RateLimit,
 }
@@ -47,6 +52,8 @@ impl Default for AgentMetrics {
             spawn_failures: AtomicU64::new(0),
             sandboxes_started: AtomicU64::new(0),
             sandboxes_ended: AtomicU64::new(0),
+            leftovers_swept: AtomicU64::new(0),
+            leftover_sweep_done: AtomicU64::new(0),
             link_error_log: RateLimit::new(Duration::from_secs(10), 5),
         }
     }
@@ -67,6 +74,8 @@ impl AgentMetrics {
             "spawn_failures": g(&self.spawn_failures),
             "sandboxes_started": g(&self.sandboxes_started),
             "sandboxes_ended": g(&self.sandboxes_ended),
+            "leftovers_swept": g(&self.leftovers_swept),
+            "leftover_sweep_done": g(&self.leftover_sweep_done) == 1,
             "console_lines_cut": g(&crate::drivers::console::LINES_CUT),
             "console_bytes_cut": g(&crate::drivers::console::BYTES_CUT),
         })

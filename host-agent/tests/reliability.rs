@@ -627,3 +627,67 @@ async fn runtime_that_exits_while_idle_is_not_handed_the_next_invocation() {
     assert!(next.cold && next.sandbox != gone, "{next:?}");
     halt_leaving_nothing(&mut a, &[F]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_killed_agent_are_swept_when_the_next_one_starts() {
+    if !common::can_run() {
+        return;
+    }
+    const F: &str = "rel-swept";
+    common::clear_stale_cgroups(F);
+    let ids = [format!("{F}-dead0001"), format!("{F}-dead0002")];
+    let orphan = Arc::new(std::sync::Mutex::new(None::<std::process::Child>));
+    // What `kill -9` of an agent leaves on its state dir: two sandbox dirs, the cgroup of
+    // one with a process still in it, and the lock file (the lock itself died with it).
+    let a = start_with(&[func(F, "cat", "")], "", |cfg| {
+        for id in &ids {
+            std::fs::create_dir_all(cfg.state_dir.join("sandboxes").join(id).join("root")).unwrap();
+        }
+        std::fs::write(cfg.state_dir.join("agent.lock"), "4194303\n").unwrap();
+        let cg = host_agent::cgroup::Cgroups::detect("sandscope")
+            .unwrap()
+            .create(
+                &ids[0],
+                host_agent::cgroup::Limits {
+                    memory_bytes: 64 << 20,
+                    cpus: 1.0,
+                    pids: 16,
+                },
+            )
+            .unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        for p in cg.procs_files() {
+            std::fs::write(p, child.id().to_string()).unwrap();
+        }
+        *orphan.lock().unwrap() = Some(child);
+        process_driver(cfg)
+    })
+    .await;
+    let ar = &a;
+    until(
+        Duration::from_secs(5),
+        "the leftovers swept",
+        || async move {
+            let m = ar.get("/v1/stats").await["agent"].clone();
+            let (dirs, cgroups) = (ar.leftover_state_dirs(), leftover_cgroups(F));
+            if m["leftover_sweep_done"] == true && dirs.is_empty() && cgroups.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("stats {m}, dirs {dirs:?}, cgroups {cgroups:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(a.get("/v1/stats").await["agent"]["leftovers_swept"], 2);
+    let mut child = orphan.lock().unwrap().take().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the orphan was killed: {status:?}");
+    // The new agent serves as usual, and its own sandbox is not taken for a leftover.
+    let r = a.invoke(F, "{}").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut a = a;
+    halt_leaving_nothing(&mut a, &[F]).await;
+}
