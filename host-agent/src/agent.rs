@@ -179,6 +179,16 @@ impl Agent {
         driver: Arc<dyn Driver>,
         driver_reason: String,
     ) -> Result<Arc<Agent>, StartError> {
+        match crate::fds::raise_nofile() {
+            Ok((before, now)) if now > before => tracing::info!(
+                from = before,
+                to = now,
+                "raised the open-file limit to the hard limit (about {} sandboxes)",
+                now / crate::fds::FDS_PER_SANDBOX
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        }
         let recorder = Arc::new(Recorder::new(cfg.recorder_queue));
         let names = cfg.functions.iter().map(|f| f.name.clone()).collect();
         let metrics = Arc::new(AgentMetrics::default());
@@ -299,6 +309,16 @@ impl Agent {
     /// The driver in use and why it was chosen.
     pub fn driver(&self) -> (&'static str, &str) {
         (self.driver.name(), &self.driver_reason)
+    }
+
+    /// How many sandboxes the open-file limit allows.
+    pub fn fd_budget(&self) -> crate::fds::FdBudget {
+        let live = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        crate::fds::FdBudget::now(live as u64)
     }
 
     /// Agent self-metrics.

@@ -222,6 +222,7 @@ async fn stats(State(agent): State<Arc<Agent>>) -> Response {
     let snap = agent.stats().await;
     let mut v = serde_json::to_value(&snap).unwrap_or_default();
     v["agent"] = agent.metrics().to_json();
+    v["fds"] = serde_json::to_value(agent.fd_budget()).unwrap_or_default();
     Json(v).into_response()
 }
 

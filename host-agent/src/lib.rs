@@ -16,6 +16,7 @@ pub mod api;
 pub mod cgroup;
 pub mod config;
 pub mod drivers;
+pub mod fds;
 pub mod guest_limits;
 pub mod leftovers;
 pub mod link;

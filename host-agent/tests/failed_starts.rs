@@ -1,13 +1,17 @@
-//! Failed starts leave nothing behind (issue 16, fault 8): cold starts that run out of
-//! open files part way (cgroup setup, socketpair, spawn, link) end without a cgroup or a
-//! state directory left. A test binary of its own: it lowers the process's open-file
-//! limit, which every test sharing the process would feel.
+//! Open files (issue 16, faults 8 and 9): cold starts that run out of open files part
+//! way (cgroup setup, socketpair, spawn, link) end without a cgroup or a state directory
+//! left; the agent raises its open-file limit and says how many sandboxes fit. A test
+//! binary of its own: these tests change the process's open-file limit, which every test
+//! sharing the process would feel, so they also take turns.
 
 mod common;
 
 use common::{func, leftover_cgroups};
 use host_agent::agent::InvokeOptions;
 use std::time::{Duration, Instant};
+
+/// Held by each test for its whole run: the limit is the process's.
+static RLIMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn nofile() -> (u64, u64) {
     let mut r = libc::rlimit {
@@ -37,6 +41,7 @@ async fn cold_starts_failing_for_lack_of_open_files_leave_no_cgroup_or_state_dir
     if !common::can_run() {
         return;
     }
+    let _turn = RLIMIT.lock().unwrap_or_else(|p| p.into_inner());
     const F: &str = "fail-nofile";
     const N: usize = 30;
     common::clear_stale_cgroups(F);
@@ -96,4 +101,77 @@ async fn cold_starts_failing_for_lack_of_open_files_leave_no_cgroup_or_state_dir
         (Vec::<String>::new(), Vec::<String>::new()),
         "{ok}/{N} starts succeeded; cgroups and state dirs left"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_raises_its_open_file_limit_and_says_how_many_sandboxes_fit() {
+    if !common::can_run() {
+        return;
+    }
+    let _turn = RLIMIT.lock().unwrap_or_else(|p| p.into_inner());
+    const F: &str = "fds-fit";
+    const N: u64 = 4;
+    common::clear_stale_cgroups(F);
+    let (soft, hard) = nofile();
+    // The common default: a soft limit of 1024 under a higher hard one.
+    set_soft_nofile(1024.min(hard / 2));
+    let mut a = common::start(
+        &[func(
+            F,
+            "cat >/dev/null; sleep 0.3; echo '{}'",
+            "[functions.pool]\nmax_sandboxes = 4",
+        )],
+        "",
+    )
+    .await;
+    let raised = nofile().0;
+    set_soft_nofile(soft);
+    assert_eq!(
+        raised, hard,
+        "the agent left its soft limit below the hard one"
+    );
+    set_soft_nofile(hard);
+
+    // What N sandboxes really hold, against what the agent counts per sandbox.
+    let warm = a.invoke(F, "{}").await;
+    assert_eq!(warm.status, 200, "{warm:?}");
+    let before = open_fds();
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..N {
+        let agent = a.agent.clone();
+        starts.spawn(async move {
+            agent
+                .invoke(F, b"{}".to_vec(), InvokeOptions::default())
+                .await
+                .map(|inv| inv.status)
+        });
+    }
+    while let Some(r) = starts.join_next().await {
+        assert!(matches!(r.unwrap(), Ok(host_agent::agent::Status::Ok)));
+    }
+    let live = a.live_ids().await.len() as u64;
+    assert_eq!(live, N, "{:?}", a.live_ids().await);
+    let held = open_fds().saturating_sub(before);
+    let fds = a.get("/v1/stats").await["fds"].clone();
+    set_soft_nofile(soft);
+    let n = |k: &str| {
+        fds[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no fds.{k}: {fds}"))
+    };
+    assert_eq!(n("limit"), hard, "{fds}");
+    // N - 1 sandboxes are new (one was warm already).
+    assert!(
+        held <= (N - 1) * n("per_sandbox"),
+        "{N} sandboxes hold {held} more fds than 1 did; per_sandbox is {fds}"
+    );
+    assert_eq!(
+        n("sandboxes_fit"),
+        N + (n("limit") - n("open")) / n("per_sandbox"),
+        "{fds}"
+    );
+    assert!(n("sandboxes_fit") > hard / 10, "{fds}");
+    tokio::time::timeout(Duration::from_secs(10), a.halt())
+        .await
+        .expect("agent stop hung");
 }
