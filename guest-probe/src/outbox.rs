@@ -66,6 +66,7 @@ impl Outbox {
             line,
             invoke_id: invoke_id.to_string(),
             truncated,
+            dropped: 0,
         };
         let _ = self.tx.send(Out::Log(log)).await;
     }
@@ -222,10 +223,20 @@ impl LineSink {
     pub async fn report_drops(&mut self, invoke_id: &str) {
         if self.dropped > 0 {
             let n = std::mem::take(&mut self.dropped);
-            let msg = format!(
+            let line = format!(
                 "dropped {n} log lines (more than {MAX_LINES_PER_SEC} lines/s on one stream)"
             );
-            self.outbox.platform(msg, invoke_id).await;
+            // Counted by the agent from `dropped`, not from the text.
+            let log = Log {
+                seq: 0,
+                stream: LogStream::Platform as i32,
+                since_init_ns: self.outbox.clock.since_init_ns(),
+                line,
+                invoke_id: invoke_id.to_string(),
+                truncated: false,
+                dropped: n,
+            };
+            let _ = self.outbox.tx.send(Out::Log(log)).await;
         }
     }
 }

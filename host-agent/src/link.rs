@@ -503,6 +503,9 @@ impl Link {
     }
 
     fn on_log(&self, l: wire::Log) {
+        self.metrics
+            .log_lines_dropped
+            .fetch_add(l.dropped, Ordering::Relaxed);
         // The probe picks `seq`: no arithmetic on it may overflow.
         let prev = self.last_seq.swap(l.seq, Ordering::AcqRel);
         if l.seq > prev.saturating_add(1) {

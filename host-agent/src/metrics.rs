@@ -24,6 +24,8 @@ pub struct AgentMetrics {
     pub guest_fields_cut: AtomicU64,
     /// Log lines the probe numbered but that never arrived (sequence gaps).
     pub log_lines_lost: AtomicU64,
+    /// Log lines the probes dropped under their rate limit (as they reported).
+    pub log_lines_dropped: AtomicU64,
     /// Sandboxes that failed to start.
     pub spawn_failures: AtomicU64,
     /// Sandboxes started.
@@ -49,6 +51,7 @@ impl Default for AgentMetrics {
             log_lines_lost: AtomicU64::new(0),
             log_lines_cut: AtomicU64::new(0),
             guest_fields_cut: AtomicU64::new(0),
+            log_lines_dropped: AtomicU64::new(0),
             spawn_failures: AtomicU64::new(0),
             sandboxes_started: AtomicU64::new(0),
             sandboxes_ended: AtomicU64::new(0),
@@ -71,6 +74,7 @@ impl AgentMetrics {
             "log_lines_lost": g(&self.log_lines_lost),
             "log_lines_cut": g(&self.log_lines_cut),
             "guest_fields_cut": g(&self.guest_fields_cut),
+            "log_lines_dropped": g(&self.log_lines_dropped),
             "spawn_failures": g(&self.spawn_failures),
             "sandboxes_started": g(&self.sandboxes_started),
             "sandboxes_ended": g(&self.sandboxes_ended),

@@ -691,3 +691,45 @@ async fn leftovers_of_a_killed_agent_are_swept_when_the_next_one_starts() {
     let mut a = a;
     halt_leaving_nothing(&mut a, &[F]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_the_probe_drops_under_its_rate_limit_are_counted_in_stats() {
+    if !common::can_run() {
+        return;
+    }
+    const F: &str = "rel-log-flood";
+    const LINES: u64 = 30_000;
+    common::clear_stale_cgroups(F);
+    // Three times the probe's 10 000 lines/s, written in far less than a second.
+    let mut a = common::start(
+        &[func(
+            F,
+            "cat >/dev/null; yes x | head -n 30000 >&2; echo '{}'",
+            "",
+        )],
+        "",
+    )
+    .await;
+    let r = a.invoke(F, "{}").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let ar = &a;
+    until(
+        Duration::from_secs(5),
+        "dropped lines counted",
+        || async move {
+            let m = ar.get("/v1/stats").await["agent"].clone();
+            let (got, dropped) = (
+                m["log_lines"].as_u64().unwrap(),
+                m["log_lines_dropped"].as_u64().unwrap_or(0),
+            );
+            // Every line either arrived or was counted as dropped.
+            if dropped > 0 && got + dropped >= LINES {
+                Ok(())
+            } else {
+                Err(format!("{m}"))
+            }
+        },
+    )
+    .await;
+    halt_leaving_nothing(&mut a, &[F]).await;
+}

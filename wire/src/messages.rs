@@ -311,6 +311,10 @@ pub struct Log {
     /// The line was cut at [`crate::MAX_LOG_LINE`].
     #[prost(bool, tag = "6")]
     pub truncated: bool,
+    /// On the Platform line that reports them: log lines the probe dropped under its rate
+    /// limit since its previous such report. 0 on every other line.
+    #[prost(uint64, tag = "7")]
+    pub dropped: u64,
 }
 
 /// probe -> agent: resource usage of everything in the sandbox the probe started.
