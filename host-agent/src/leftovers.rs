@@ -87,24 +87,33 @@ pub struct Swept {
     pub cgroups: u64,
 }
 
-/// Remove every sandbox under `STATE/sandboxes/`, with its cgroups (`cgroups`, when the
-/// host has them) and their processes. Only to be called holding the [`StateLock`].
-pub async fn sweep(state_dir: &Path, cgroups: Option<&Cgroups>) -> Swept {
-    let mut swept = Swept::default();
+/// The sandbox directories under `STATE/sandboxes/` now. Taken holding the [`StateLock`]
+/// and before this agent starts a sandbox, it lists only a dead agent's.
+pub fn leftover_dirs(state_dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(state_dir.join("sandboxes")) else {
-        return swept;
+        return Vec::new();
     };
-    for e in entries.flatten() {
-        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Remove the sandboxes in `dirs` (from [`leftover_dirs`]) with their cgroups (`cgroups`,
+/// when the host has them) and their processes.
+pub async fn sweep(dirs: &[PathBuf], cgroups: Option<&Cgroups>) -> Swept {
+    let mut swept = Swept::default();
+    for dir in dirs {
+        let Some(id) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             continue;
-        }
-        let id = e.file_name().to_string_lossy().into_owned();
+        };
         if let Some(cg) = cgroups.and_then(|c| c.existing(&id)) {
             cg.kill_all();
             cg.remove().await;
             swept.cgroups += 1;
         }
-        crate::drivers::remove_state_dir(&e.path()).await;
+        crate::drivers::remove_state_dir(dir).await;
         swept.sandboxes += 1;
     }
     swept
@@ -125,10 +134,12 @@ pub fn lock_and_sweep(
             return None;
         }
     };
+    // Listed now, before any sandbox of this agent exists; removed in the background.
+    let dirs = leftover_dirs(state_dir);
     let dir = state_dir.to_path_buf();
     tokio::spawn(async move {
         let cgroups = Cgroups::detect("sandscope").ok();
-        let s = sweep(&dir, cgroups.as_ref()).await;
+        let s = sweep(&dirs, cgroups.as_ref()).await;
         if s.sandboxes > 0 {
             tracing::info!(
                 sandboxes = s.sandboxes,
@@ -168,7 +179,7 @@ mod tests {
             std::fs::create_dir_all(dir.path().join("sandboxes").join(id).join("root")).unwrap();
         }
         std::fs::write(dir.path().join("sandboxes").join("stray-file"), "x").unwrap();
-        let s = sweep(dir.path(), None).await;
+        let s = sweep(&leftover_dirs(dir.path()), None).await;
         assert_eq!(
             s,
             Swept {
