@@ -582,10 +582,6 @@ impl Agent {
     }
 
     async fn end(&self, sb: &Arc<Sandbox>, reason: &str) {
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&sb.id);
         tracing::debug!(sandbox = %sb.id, "ending sandbox: {reason}");
         if !sb.frozen.load(Ordering::Acquire) && sb.link.is_alive() {
             sb.link.shutdown(reason, Duration::from_millis(100)).await;
@@ -596,6 +592,12 @@ impl Agent {
         if self.metrics_on() {
             self.snapshots.ended(sb.serial).await;
         }
+        // Listed until it is gone: shutdown, finding it, waits for this end (a sandbox
+        // that died while idle is ended in the background, and was missed).
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&sb.id);
     }
 
     fn spawn_destroy(self: &Arc<Self>, sb: Arc<Sandbox>, reason: &'static str) {
