@@ -11,7 +11,7 @@ use host_agent::agent::InvokeOptions;
 use std::time::{Duration, Instant};
 
 /// Held by each test for its whole run: the limit is the process's.
-static RLIMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static RLIMIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn nofile() -> (u64, u64) {
     let mut r = libc::rlimit {
@@ -41,7 +41,7 @@ async fn cold_starts_failing_for_lack_of_open_files_leave_no_cgroup_or_state_dir
     if !common::can_run() {
         return;
     }
-    let _turn = RLIMIT.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = RLIMIT.lock().await;
     const F: &str = "fail-nofile";
     const N: usize = 30;
     common::clear_stale_cgroups(F);
@@ -108,7 +108,7 @@ async fn agent_raises_its_open_file_limit_and_says_how_many_sandboxes_fit() {
     if !common::can_run() {
         return;
     }
-    let _turn = RLIMIT.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = RLIMIT.lock().await;
     const F: &str = "fds-fit";
     const N: u64 = 4;
     common::clear_stale_cgroups(F);
