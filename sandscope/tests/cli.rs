@@ -84,8 +84,18 @@ fn the_demo_runs_the_example_functions_on_vmm_lite_under_nested_kvm() {
     {
         return;
     }
+    // The example config, with room for boots that take 10-20 s in an emulated L1.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let cfg = std::fs::read_to_string(examples.join("sandscope.toml"))
+        .unwrap()
+        .replace("boot_timeout_s = 10", "boot_timeout_s = 180")
+        .replace("code = \"", &format!("code = \"{}/", examples.display()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("sandscope.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
     let out = bin()
-        .args(["demo", "--json", "--warm", "10", "--burst", "2"])
+        .args(["demo", "--json", "--warm", "10", "--burst", "2", "--config"])
+        .arg(&cfg_path)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
