@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Header telling whether an invocation started a new sandbox.
 pub const HDR_COLDSTART: &str = "x-sandscope-coldstart";
@@ -31,15 +32,59 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-/// Serve on `listener` until `shutdown` resolves.
+/// Longest a client may take to send a request's head (request line and headers): a
+/// client that trickles them (slowloris) is cut off instead of holding a connection and
+/// its task for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serve HTTP/1 on `listener` until `shutdown` resolves, then let open connections finish
+/// their requests. Like `axum::serve`, plus [`HEADER_READ_TIMEOUT`].
 pub async fn serve(
     agent: Arc<Agent>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(agent))
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let app = router(agent);
+    let (closing, _) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = listener.accept() => {
+                let tcp = match r {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of open files, most likely: wait for some to be freed.
+                        tracing::warn!(error = %e, "accepting an API connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let mut closing = closing.subscribe();
+                conns.spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades();
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = closing.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
+                    }
+                    let _ = conn.await;
+                });
+            }
+        }
+    }
+    closing.send_replace(true);
+    while conns.join_next().await.is_some() {}
+    Ok(())
 }
 
 fn service_error(status: StatusCode, kind: &str, message: String) -> Response {

@@ -733,3 +733,41 @@ async fn log_lines_the_probe_drops_under_its_rate_limit_are_counted_in_stats() {
     .await;
     halt_leaving_nothing(&mut a, &[F]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_trickling_its_headers_is_cut_off() {
+    if !common::can_run() {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const F: &str = "rel-slowloris";
+    let mut a = common::start(&[func(F, "cat", "")], "").await;
+    let addr = a.url.trim_start_matches("http://").to_string();
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    c.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // One header byte every 200 ms, never the blank line that ends them.
+    let t0 = Instant::now();
+    let limit = host_agent::api::HEADER_READ_TIMEOUT + Duration::from_secs(3);
+    let mut buf = [0u8; 512];
+    let closed = loop {
+        if t0.elapsed() > limit {
+            break false;
+        }
+        if c.write_all(b"X").await.is_err() {
+            break true;
+        }
+        // A 408 before the close is fine; a read that times out means still open.
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(200), c.read(&mut buf)).await
+        {
+            break true;
+        }
+    };
+    assert!(closed, "still connected after {:?}", t0.elapsed());
+    // Others are served meanwhile and after.
+    let r = a.invoke(F, "{}").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    halt_leaving_nothing(&mut a, &[F]).await;
+}
