@@ -216,6 +216,15 @@ pub struct Handshake {
     pub ready: oneshot::Receiver<wire::Ready>,
 }
 
+/// Whether a read error means the probe's end of the link is gone (not a bad frame).
+fn peer_gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
+}
+
 impl Link {
     /// Read the Hello (within `timeout`), validate it, and start the reader task.
     pub async fn handshake<S>(
@@ -314,6 +323,12 @@ impl Link {
                 Ok(Some(_)) if !self.is_alive() => return,
                 Ok(Some(f)) => Self::route(&self, f),
                 Ok(None) => break "probe closed the link".to_string(),
+                // The probe died (killed after a timeout, say) with frames of ours unread,
+                // or in the middle of writing one: the link is gone, nobody broke the
+                // protocol.
+                Err(wire::DecodeError::Io(e)) if peer_gone(&e) => {
+                    break format!("probe's end went away: {e}")
+                }
                 Err(e) => {
                     self.metrics.link_errors.fetch_add(1, Ordering::Relaxed);
                     let (log, suppressed) = self.metrics.link_error_log.allow();

@@ -771,3 +771,28 @@ async fn client_trickling_its_headers_is_cut_off() {
     assert_eq!(r.status, 200, "{r:?}");
     halt_leaving_nothing(&mut a, &[F]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_killed_after_a_timeout_is_not_a_protocol_error() {
+    if !common::can_run() {
+        return;
+    }
+    const F: &str = "rel-killed-no-error";
+    common::clear_stale_cgroups(F);
+    let mut a = common::start(&[func(F, "cat", "timeout_s = 1")], "").await;
+    let warm = a.invoke(F, "{}").await;
+    assert_eq!(warm.status, 200, "{warm:?}");
+    // Stopped, it never reads the next invoke: that ends by the agent's deadline, and the
+    // agent kills the sandbox with the invoke still unread in its socket.
+    assert!(common::stop_sandbox(&warm.sandbox) >= 2);
+    let r = a.invoke(F, "{}").await;
+    assert!(r.body.contains("Sandbox.Timedout"), "{r:?}");
+    wait_nothing_left_of(&a, F, Duration::from_secs(10)).await;
+    let m = a.get("/v1/stats").await["agent"].clone();
+    assert_eq!(
+        (m["sandboxes_ended"].as_u64(), m["link_errors"].as_u64()),
+        (Some(1), Some(0)),
+        "{m}"
+    );
+    halt_leaving_nothing(&mut a, &[F]).await;
+}
