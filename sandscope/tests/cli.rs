@@ -105,7 +105,11 @@ fn the_demo_runs_the_example_functions_on_vmm_lite_under_nested_kvm() {
     assert_eq!(v["driver"], "vmm-lite", "{}", v["driver_reason"]);
     let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     let probe = &v["probe"]["probe"];
-    assert_ne!(probe["boot_id"], host_boot.trim(), "a guest kernel of its own: {v}");
+    assert_ne!(
+        probe["boot_id"],
+        host_boot.trim(),
+        "a guest kernel of its own: {v}"
+    );
     assert_eq!(probe["probe_pid"], 1, "{v}");
     assert_eq!(probe["hypervisor"], "KVMKVMKVM", "{v}");
     let fns = v["functions"].as_array().unwrap();
