@@ -238,20 +238,7 @@ async fn broken_guests_fail_clearly_and_the_agent_keeps_serving() {
         "boot_timeout_s = 30",
     )
     .await;
-    // Corrupt the broken function's initramfs after the agent wrote it.
-    let images = a.agent.config().state_dir.join("images");
-    let cpio = std::fs::read_dir(&images)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("broken-")
-        })
-        .expect("initramfs of broken");
-    std::fs::write(&cpio, vec![0x5au8; 64 << 10]).unwrap();
+    a.corrupt_initramfs("broken");
 
     let r = a.invoke("broken", "{}").await;
     assert!(r.status >= 500, "{r:?}");

@@ -254,19 +254,7 @@ async fn broken_and_silent_guests_fail_within_the_boot_timeout_and_the_agent_kee
     .await;
     // A guest without an init: corrupt the function's initramfs after the agent wrote it.
     // Linux panics, the VMM exits, and the error carries the console's last lines.
-    let images = a.agent.config().state_dir.join("images");
-    let cpio = std::fs::read_dir(&images)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("broken-")
-        })
-        .expect("initramfs of broken");
-    std::fs::write(&cpio, vec![0x5au8; 64 << 10]).unwrap();
+    a.corrupt_initramfs("broken");
     let t0 = Instant::now();
     let r = a.invoke("broken", "{}").await;
     assert!(r.status >= 500, "{r:?}");

@@ -112,12 +112,5 @@ fn tiny_guest_vsock_driver_connects_out_and_accepts_host_connect() {
 /// what passes under PVM must pass under hardware virtualization too.
 #[test]
 fn the_suite_passes_under_nested_kvm() {
-    let passed = nested_kvm::suite_in_l1(
-        "the_suite_passes_under_nested_kvm",
-        1024,
-        std::time::Duration::from_secs(600),
-    );
-    if !nested_kvm::hardware_kvm() && nested_kvm::unavailable().is_none() {
-        assert!(passed > 0, "no test ran inside L1");
-    }
+    common::suite_under_nested_kvm("the_suite_passes_under_nested_kvm");
 }

@@ -346,6 +346,24 @@ impl TestAgent {
             .collect()
     }
 
+    /// Overwrites the initramfs the agent wrote for VM function `name` with junk: its
+    /// guest then has no init (the kernel panics and the VMM exits).
+    pub fn corrupt_initramfs(&self, name: &str) {
+        let images = self.agent.config().state_dir.join("images");
+        let cpio = std::fs::read_dir(&images)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("{name}-"))
+            })
+            .unwrap_or_else(|| panic!("no initramfs of {name} in {}", images.display()));
+        std::fs::write(&cpio, vec![0x5au8; 64 << 10]).unwrap();
+    }
+
     /// One function's `/v1/stats` entry.
     pub async fn fn_stats(&self, name: &str) -> serde_json::Value {
         let v = self.get("/v1/stats").await;

@@ -208,3 +208,13 @@ pub fn i8042probe(dir: &Path) -> PathBuf {
 pub fn cpuid_dump(dir: &Path) -> PathBuf {
     build_guest(dir, "cpuid", &["cpuid.S"], &[], Kind::Elf)
 }
+
+/// Runs every test of the calling test binary but `name` inside one nested L1 (real KVM)
+/// and checks that some ran and all passed; nothing on a hardware-KVM host, where they
+/// already ran directly.
+pub fn suite_under_nested_kvm(name: &str) {
+    let passed = nested_kvm::suite_in_l1(name, 1024, Duration::from_secs(600));
+    if !nested_kvm::hardware_kvm() && nested_kvm::unavailable().is_none() {
+        assert!(passed > 0, "no test ran inside L1");
+    }
+}
