@@ -79,9 +79,27 @@ impl AgentMetrics {
             "sandboxes_started": g(&self.sandboxes_started),
             "sandboxes_ended": g(&self.sandboxes_ended),
             "leftovers_swept": g(&self.leftovers_swept),
-            "leftover_sweep_done": g(&self.leftover_sweep_done) == 1,
+            "leftover_sweep_done": g(&self.leftover_sweep_done),
             "console_lines_cut": g(&crate::drivers::console::LINES_CUT),
             "console_bytes_cut": g(&crate::drivers::console::BYTES_CUT),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_block_is_counters_only() {
+        // Readers (the TUI) take `/v1/stats` `agent` as a map of unsigned counters; one
+        // boolean made every stats request fail to decode there.
+        let m = AgentMetrics::default();
+        m.leftover_sweep_done.store(1, Ordering::Relaxed);
+        let v = m.to_json();
+        for (k, x) in v.as_object().unwrap() {
+            assert!(x.is_u64(), "{k} = {x} is not a counter");
+        }
+        assert_eq!(v["leftover_sweep_done"], 1);
     }
 }

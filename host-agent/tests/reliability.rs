@@ -673,7 +673,7 @@ async fn leftovers_of_a_killed_agent_are_swept_when_the_next_one_starts() {
         || async move {
             let m = ar.get("/v1/stats").await["agent"].clone();
             let (dirs, cgroups) = (ar.leftover_state_dirs(), leftover_cgroups(F));
-            if m["leftover_sweep_done"] == true && dirs.is_empty() && cgroups.is_empty() {
+            if m["leftover_sweep_done"] == 1 && dirs.is_empty() && cgroups.is_empty() {
                 Ok(())
             } else {
                 Err(format!("stats {m}, dirs {dirs:?}, cgroups {cgroups:?}"))
