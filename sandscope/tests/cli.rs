@@ -89,6 +89,7 @@ fn the_demo_runs_the_example_functions_on_vmm_lite_under_nested_kvm() {
     let cfg = std::fs::read_to_string(examples.join("sandscope.toml"))
         .unwrap()
         .replace("boot_timeout_s = 10", "boot_timeout_s = 180")
+        .replace("\ntimeout_s = 3", "\ntimeout_s = 60")
         .replace("code = \"", &format!("code = \"{}/", examples.display()));
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("sandscope.toml");
